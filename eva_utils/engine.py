@@ -1,0 +1,451 @@
+"""Training and evaluation: ``train`` and ``test`` run one epoch and return plain numbers;
+``fit`` runs a whole :class:`~eva_utils.config.Config` and returns its history.
+
+The fast path is on by default where it helps and each part can be switched off in the config:
+channels_last, mixed precision (bf16 on CUDA where supported, else fp16 with a gradient scaler;
+bf16 on CPUs with native bf16 instructions), metrics accumulated on the device and read once per
+epoch, batches built on the device, and optionally ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import TARGET_ACCURACY, Config
+from .data import ImageSet, balanced_subset, load_cifar10, synthetic_cifar10
+from .errors import ConfigError, TrainingDiverged
+from .loaders import DeviceLoader, torchvision_loader
+from .model import ARCHITECTURES
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+REFRESH_EVERY = 20  # steps between progress-bar updates (each one reads the loss from the device)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``"auto"``: cuda, then mps, then cpu. Anything else must be available here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r} was asked for but CUDA is not available: use --device cpu"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device {name!r} was asked for but MPS is not available: use --device cpu"
+        )
+    return device
+
+
+def autocast_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
+    """The mixed-precision dtype for ``device``, or None for plain fp32."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _to_device(batch: tuple[Tensor, Tensor], device: torch.device, channels_last: bool):
+    images, labels = batch
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True)
+
+
+def _limit(loader: Iterable, max_batches: int | None) -> Iterable:
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            return
+        yield batch
+
+
+def train(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device | str = "cpu",
+    loss_fn: LossFn = F.cross_entropy,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    max_batches: int | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One training epoch. ``scheduler``, if given, steps after every batch (e.g. OneCycleLR).
+
+    Returns ``{"loss": mean loss per image, "acc": fraction in [0, 1], "images": count}``.
+    Raises :class:`TrainingDiverged` naming the first step whose loss was not finite.
+    """
+    device = torch.device(device)
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+    seen = 0
+    total = min(len(loader), max_batches or math.inf) if hasattr(loader, "__len__") else None
+    bar = tqdm(
+        _limit(loader, max_batches), total=total, desc=desc, disable=not progress, leave=False
+    )
+    for step, batch in enumerate(bar):
+        images, labels = _to_device(batch, device, channels_last)
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        # Metrics stay on the device: no host synchronisation per step.
+        loss = loss.detach().float()
+        loss_sum += loss * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step, first_bad)
+        seen += len(labels)
+        if progress and step % REFRESH_EVERY == REFRESH_EVERY - 1:
+            _check_finite(first_bad, desc)
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
+    _check_finite(first_bad, desc)
+    return {
+        "loss": loss_sum.item() / max(seen, 1),
+        "acc": correct.item() / max(seen, 1),
+        "images": seen,
+    }
+
+
+def _check_finite(first_bad: Tensor, desc: str) -> None:
+    step = int(first_bad)
+    if step >= 0:
+        raise TrainingDiverged(
+            f"the loss became NaN or infinite in {desc}, step {step + 1}: "
+            "lower the learning rate (--lr) and train again"
+        )
+
+
+@torch.no_grad()
+def test(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device | str = "cpu",
+    loss_fn: LossFn = F.cross_entropy,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    tta_flip: bool = False,
+    max_batches: int | None = None,
+    progress: bool = True,
+    desc: str = "test",
+) -> dict[str, float]:
+    """Evaluate in eval mode. The loss is averaged over images, not batches.
+
+    With ``tta_flip`` the logits are the mean of the image's and its mirror image's.
+    Returns ``{"loss", "acc" (fraction in [0, 1]), "images"}``.
+    """
+    device = torch.device(device)
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    total = min(len(loader), max_batches or math.inf) if hasattr(loader, "__len__") else None
+    for batch in tqdm(
+        _limit(loader, max_batches), total=total, desc=desc, disable=not progress, leave=False
+    ):
+        images, labels = _to_device(batch, device, channels_last)
+        with _autocast(device, amp_dtype):
+            logits = model(images).float()
+            if tta_flip:
+                logits = (logits + model(images.flip(3)).float()) / 2
+        loss_sum += loss_fn(logits, labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    return {
+        "loss": loss_sum.item() / max(seen, 1),
+        "acc": correct.item() / max(seen, 1),
+        "images": seen,
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], *, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """(probabilities (N, classes), labels (N,)) on the CPU, in the loader's order, eval mode."""
+    device = torch.device(device)
+    model.eval()
+    probs, targets = [], []
+    for images, labels in loader:
+        images, labels = _to_device((images, labels), device, False)
+        probs.append(model(images).float().softmax(1).cpu())
+        targets.append(labels.cpu())
+    return torch.cat(probs), torch.cat(targets)
+
+
+# --- building a run from a Config -------------------------------------------------------------
+
+
+def load_datasets(config: Config) -> tuple[ImageSet, ImageSet]:
+    """The config's data source, cut to the class-balanced subsets it asks for."""
+    if config.data == "synthetic":
+        train_set, test_set = synthetic_cifar10(config.train_size or 512, config.test_size or 256)
+    else:
+        train_set, test_set = load_cifar10(config.data)
+    return (
+        balanced_subset(train_set, config.train_size, config.seed),
+        balanced_subset(test_set, config.test_size, config.seed),
+    )
+
+
+def build_model(config: Config, num_classes: int = 10) -> nn.Module:
+    """The config's network (GBN and dropout included when the config says so)."""
+    build = ARCHITECTURES[config.arch]
+    return build(
+        num_classes, norm=config.norm, num_splits=config.num_splits, dropout=config.dropout
+    )
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
+    """SGD; with ``decay_norm_bias=False`` norm weights and biases (1-d tensors) get no decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.decay_norm_bias:
+        groups = [{"params": params, "weight_decay": config.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """StepLR (stepped once per epoch) or OneCycleLR over the whole run (stepped per batch)."""
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.lr,
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        pct_start=config.warmup,
+        anneal_strategy="linear",
+        div_factor=10.0,
+        final_div_factor=100.0,
+        cycle_momentum=False,
+    )
+
+
+def build_loaders(
+    config: Config,
+    train_set: ImageSet,
+    test_set: ImageSet,
+    device: torch.device,
+    generator: torch.Generator,
+):
+    """Training and test loaders of the kind the config names."""
+    if config.loader == "device":
+        common = dict(device=device, channels_last=config.channels_last)
+        train_loader = DeviceLoader(
+            train_set, config.batch_size, shuffle=True, augment=config.augment,
+            rotate_degrees=config.rotate_degrees, generator=generator, **common,
+        )  # fmt: skip
+        test_loader = DeviceLoader(test_set, 512, **common)
+        return train_loader, test_loader
+    common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    train_loader = torchvision_loader(
+        train_set, config.batch_size, train=True, augment=config.augment,
+        rotate_degrees=config.rotate_degrees, generator=generator, **common,
+    )  # fmt: skip
+    test_loader = torchvision_loader(test_set, 512, train=False, **common)
+    return train_loader, test_loader
+
+
+class Run:
+    """Everything one training run needs, built from a Config (used by :func:`fit`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        datasets: tuple[ImageSet, ImageSet] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        self.device = select_device(config.device)
+        seed_everything(config.seed)
+        self.train_set, self.test_set = datasets or load_datasets(config)
+        if config.norm == "gbn" and config.num_splits > min(config.batch_size, len(self.train_set)):
+            raise ConfigError(
+                f"num_splits ({config.num_splits}) is larger than the batch "
+                f"({min(config.batch_size, len(self.train_set))} images)"
+            )
+        self.classes = self.train_set.classes
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = build_model(config, len(self.classes)).to(
+            self.device, memory_format=memory_format
+        )
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.amp_dtype = autocast_dtype(self.device, config.amp)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.train_loader, self.test_loader = build_loaders(
+            config, self.train_set, self.test_set, self.device, self.generator
+        )
+        steps = len(self.train_loader)
+        if config.max_batches:
+            steps = min(steps, config.max_batches)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, steps)
+        self.loss_fn = _cross_entropy(config.label_smoothing)
+        self.history: list[dict[str, Any]] = []
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        per_step = self.scheduler if self.config.schedule == "onecycle" else None
+        result = train(
+            self.forward, self.train_loader, self.optimizer, device=self.device,
+            loss_fn=self.loss_fn, scheduler=per_step, scaler=self.scaler,
+            amp_dtype=self.amp_dtype, channels_last=self.config.channels_last,
+            max_batches=self.config.max_batches, progress=self.progress,
+            desc=f"epoch {epoch} train",
+        )  # fmt: skip
+        if per_step is None:
+            self.scheduler.step()
+        return result
+
+    def test_epoch(self, epoch: int | None = None) -> dict[str, float]:
+        return test(
+            self.forward, self.test_loader, device=self.device, amp_dtype=self.amp_dtype,
+            channels_last=self.config.channels_last, tta_flip=self.config.tta_flip,
+            max_batches=self.config.max_batches, progress=self.progress,
+            desc=f"epoch {epoch} test" if epoch else "test",
+        )  # fmt: skip
+
+
+def _cross_entropy(label_smoothing: float) -> LossFn:
+    def loss_fn(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
+
+    return loss_fn
+
+
+def fit(
+    config: Config,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    datasets: tuple[ImageSet, ImageSet] | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``config.epochs`` epochs and return the history, one dict per epoch.
+
+    With ``out``, every epoch atomically rewrites ``out/last.pt`` (everything needed to resume),
+    ``out/best.pt`` (when the test accuracy improves) and ``out/metrics.json``. With
+    ``resume=True`` the run continues from ``out/last.pt``. Ctrl-C or SIGTERM stop the run; the
+    checkpoint of the last finished epoch stays, and :class:`~eva_utils.errors.Interrupted` says
+    how to resume.
+    """
+    run = Run(config, datasets, progress)
+    out = Path(out) if out is not None else None
+    if resume:
+        if out is None:
+            raise ConfigError("resume needs the run folder (out=...)")
+        checkpoint.restore(run, out)
+    elif out is not None:
+        checkpoint.prepare_run_folder(out)
+    bar = tqdm(
+        range(len(run.history) + 1, config.epochs + 1), desc="epochs", initial=len(run.history),
+        total=config.epochs, disable=not progress,
+    )  # fmt: skip
+    with checkpoint.interruptible(out, lambda: len(run.history) + 1):
+        for epoch in bar:
+            started = time.perf_counter()
+            lr = run.optimizer.param_groups[0]["lr"]
+            trained = run.train_epoch(epoch)
+            tested = run.test_epoch(epoch)
+            row = {
+                "epoch": epoch,
+                "train_loss": trained["loss"],
+                "train_acc": trained["acc"],
+                "test_loss": tested["loss"],
+                "test_acc": tested["acc"],
+                "lr": lr,
+                "seconds": time.perf_counter() - started,
+            }
+            run.history.append(row)
+            bar.set_postfix(test_acc=f"{tested['acc']:.2%}", loss=f"{tested['loss']:.3f}")
+            if out is not None:
+                checkpoint.save(run, out)
+            if on_epoch is not None:
+                on_epoch(row)
+    return run.history
+
+
+def summarize_history(
+    history: list[dict[str, Any]], target: float = TARGET_ACCURACY
+) -> dict[str, Any]:
+    """Best and final test accuracy, and the first epoch that reached ``target`` (None if never)."""
+    best = max(history, key=lambda row: row["test_acc"])
+    reached = next((row["epoch"] for row in history if row["test_acc"] >= target), None)
+    return {
+        "best_acc": best["test_acc"],
+        "best_epoch": best["epoch"],
+        "final_acc": history[-1]["test_acc"],
+        "epochs": len(history),
+        "target": target,
+        "target_epoch": reached,
+        "seconds_per_epoch": sum(row["seconds"] for row in history) / len(history),
+    }

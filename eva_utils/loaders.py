@@ -1,0 +1,168 @@
+"""Batches from an ImageSet: built on the training device, or by a torchvision DataLoader.
+
+``DeviceLoader`` keeps the whole set as uint8 on the training device and crops, flips, rotates
+and normalises a batch at a time there: no worker processes, no PIL, no per-image Python.
+``torchvision_loader`` is the classic pipeline (PIL transforms in DataLoader workers), kept as the
+plain reference; both draw augmentations from the same distributions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
+
+PADDING = 4  # RandomCrop(32, padding=4)
+Batch = tuple[Tensor, Tensor]
+
+
+def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad (B, C, H, W) images by ``padding`` and cut a random HxW window from each."""
+    b, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
+    top, left = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator).to(device)
+    rows = (top + torch.arange(h, device=device))[:, :, None]
+    cols = (left + torch.arange(w, device=device))[:, None, :]
+    batch = torch.arange(b, device=device)[:, None, None]
+    return padded[batch, rows, cols].permute(0, 3, 1, 2)  # channels_last in memory
+
+
+def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Mirror each (B, C, H, W) image left-right with probability 1/2."""
+    flip = torch.rand(len(images), generator=generator).to(images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def random_rotate(images: Tensor, degrees: float, generator: torch.Generator) -> Tensor:
+    """Rotate each float (B, C, H, W) image about its centre by an angle uniform in
+    [-degrees, degrees], nearest-neighbour, filling with 0 (torchvision's RandomRotation)."""
+    b = len(images)
+    angles = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(degrees)
+    cos, sin, zero = angles.cos(), angles.sin(), torch.zeros(b)
+    theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(b, 2, 3)
+    theta = theta.to(images.device, images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+class DeviceLoader:
+    """Iterate over an ImageSet in (normalised float images, labels) batches on ``device``.
+
+    The uint8 images are copied to ``device`` once. Random draws come from ``generator`` (a CPU
+    generator: its state is what a checkpoint saves to resume the same sequence).
+    """
+
+    def __init__(
+        self,
+        dataset: ImageSet,
+        batch_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        augment: Sequence[str] = (),
+        rotate_degrees: float = 8.0,
+        generator: torch.Generator | None = None,
+        channels_last: bool = False,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = tuple(augment)
+        self.rotate_degrees = rotate_degrees
+        self.generator = generator or torch.Generator()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        std_t = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, device=self.device).view(1, -1, 1, 1) / std_t
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.transform(self.images[index]), self.labels[index]
+
+    def transform(self, images: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) -> augmented, normalised float images."""
+        if "crop" in self.augment:
+            images = random_crop(images, PADDING, self.generator)
+        if "flip" in self.augment:
+            images = random_flip(images, self.generator)
+        images = images.float()
+        if "rotate" in self.augment:
+            images = random_rotate(images, self.rotate_degrees, self.generator)
+        images = torch.addcmul(self.shift, images, self.scale)
+        return images.contiguous(memory_format=self.memory_format)
+
+
+def pil_transform(train: bool, augment: Sequence[str] = (), rotate_degrees: float = 8.0):
+    """The torchvision (PIL) pipeline equivalent to ``DeviceLoader.transform``."""
+    from torchvision import transforms as T
+
+    steps = []
+    if train and "crop" in augment:
+        steps.append(T.RandomCrop(32, padding=PADDING))
+    if train and "flip" in augment:
+        steps.append(T.RandomHorizontalFlip())
+    if train and "rotate" in augment:
+        steps.append(T.RandomRotation(rotate_degrees))
+    steps += [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    return T.Compose(steps)
+
+
+class PILDataset(Dataset):
+    """An ImageSet seen as PIL images through a torchvision transform."""
+
+    def __init__(self, dataset: ImageSet, transform) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = Image.fromarray(self.dataset.images[index].permute(1, 2, 0).numpy())
+        return self.transform(image), int(self.dataset.labels[index])
+
+
+def torchvision_loader(
+    dataset: ImageSet,
+    batch_size: int,
+    *,
+    train: bool,
+    augment: Sequence[str] = (),
+    rotate_degrees: float = 8.0,
+    generator: torch.Generator | None = None,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The classic DataLoader over PIL transforms (batches stay on the CPU)."""
+    transform = pil_transform(train, augment, rotate_degrees)
+    return DataLoader(
+        PILDataset(dataset, transform),
+        batch_size=batch_size,
+        shuffle=train,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

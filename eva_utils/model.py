@@ -1,0 +1,128 @@
+"""ResNet18/34 for 32x32 images, as in kuangliu/pytorch-cifar, with an injectable norm layer.
+
+Differences from the ImageNet ResNet: a 3x3 stride-1 stem and no max-pool, so the four stages
+work at 32, 16, 8 and 4 pixels; a 4x4 average pool feeds one Linear layer. ReLU and pooling are
+functional, so the torchsummary table lists exactly the layers the assignment's table lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gbn import GhostBatchNorm2d
+
+NormLayer = Callable[[int], nn.Module]
+NORMS = ("bn", "gbn")
+
+
+def norm_layer(norm: str = "bn", num_splits: int = 2) -> NormLayer:
+    """The constructor for a norm slot: ``"bn"`` (BatchNorm2d) or ``"gbn"`` (GhostBatchNorm2d)."""
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gbn":
+        return partial(GhostBatchNorm2d, num_splits=num_splits)
+    raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (a 1x1 projection when the shape changes).
+
+    Dropout, when ``dropout > 0``, sits between the two convolutions, after the first ReLU, as in
+    Wide ResNets (Zagoruyko & Komodakis, 2016). With ``dropout=0`` no Dropout module exists.
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                norm_layer(planes),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Stem, four stages of BasicBlocks (64, 128, 256, 512 channels), average pool, Linear."""
+
+    def __init__(
+        self,
+        num_blocks: tuple[int, int, int, int],
+        num_classes: int = 10,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = norm_layer(64)
+        stage = partial(self._make_layer, norm_layer=norm_layer, dropout=dropout)
+        self.layer1 = stage(64, num_blocks[0], stride=1)
+        self.layer2 = stage(128, num_blocks[1], stride=2)
+        self.layer3 = stage(256, num_blocks[2], stride=2)
+        self.layer4 = stage(512, num_blocks[3], stride=2)
+        self.linear = nn.Linear(512 * BasicBlock.expansion, num_classes)
+
+    def _make_layer(
+        self, planes: int, num_blocks: int, stride: int, norm_layer: NormLayer, dropout: float
+    ) -> nn.Sequential:
+        blocks = []
+        for block_stride in [stride] + [1] * (num_blocks - 1):
+            blocks.append(BasicBlock(self.in_planes, planes, block_stride, norm_layer, dropout))
+            self.in_planes = planes * BasicBlock.expansion
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, 32, 32) images -> (N, num_classes) logits."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, 4).flatten(1)
+        return self.linear(out)
+
+
+def resnet18(
+    num_classes: int = 10, norm: str = "bn", num_splits: int = 2, dropout: float = 0.0
+) -> ResNet:
+    """pytorch-cifar's ResNet18: 11,173,962 parameters for 10 classes, with either norm."""
+    return ResNet((2, 2, 2, 2), num_classes, norm_layer(norm, num_splits), dropout)
+
+
+def resnet34(
+    num_classes: int = 10, norm: str = "bn", num_splits: int = 2, dropout: float = 0.0
+) -> ResNet:
+    """pytorch-cifar's ResNet34: 21,282,122 parameters for 10 classes."""
+    return ResNet((3, 4, 6, 3), num_classes, norm_layer(norm, num_splits), dropout)
+
+
+ARCHITECTURES: dict[str, Callable[..., ResNet]] = {"resnet18": resnet18, "resnet34": resnet34}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny image folders written per test, and the real CIFAR-10 copy if present."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eva_utils.data import ImageSet, load_cifar10
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+TINY_CLASSES = ("cat", "dog", "ship")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Archives extracted by tests go to a per-session temporary cache, not ~/.cache."""
+    if "EVA8_CACHE" not in os.environ or os.environ.get("EVA8_TEST_CACHE"):
+        cache = tmp_path_factory.getbasetemp() / "eva8-cache"
+        monkeypatch.setenv("EVA8_CACHE", str(cache))
+
+
+def write_image_folder(
+    root: Path, per_class: int = 4, classes=TINY_CLASSES, size: int = 32, seed: int = 0
+) -> Path:
+    """root/train/<class>/*.png and root/test/<class>/*.png with a colour per class."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("test", max(1, per_class // 2))):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = np.full((size, size, 3), 40 + 60 * index, dtype=np.int16)
+                noise = rng.integers(-20, 20, (size, size, 3))
+                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return root
+
+
+def write_archive(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_archive(tmp_path, tiny_folder) -> Path:
+    return write_archive(tiny_folder, tmp_path / "tiny.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def real_cifar10() -> tuple[ImageSet, ImageSet]:
+    """The shared JPEG copy of CIFAR-10 (skips, saying why, when it is not beside the clone)."""
+    if not REAL_ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-10 not found at {REAL_ARCHIVE} (only CI and dev machines have it)")
+    return load_cifar10(REAL_ARCHIVE, cache_dir=Path.home() / ".cache" / "eva8")
+
+
+def random_batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)

@@ -20,10 +20,8 @@ TINY_CLASSES = ("cat", "dog", "ship")
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Archives extracted by tests go to a per-session temporary cache, not ~/.cache."""
-    if "EVA8_CACHE" not in os.environ or os.environ.get("EVA8_TEST_CACHE"):
-        cache = tmp_path_factory.getbasetemp() / "eva8-cache"
-        monkeypatch.setenv("EVA8_CACHE", str(cache))
+    """Archives that tests extract go to a per-session temporary cache, not ~/.cache/eva8."""
+    monkeypatch.setenv("EVA8_CACHE", str(tmp_path_factory.getbasetemp() / "eva8-cache"))
 
 
 def write_image_folder(
@@ -69,4 +67,6 @@ def real_cifar10() -> tuple[ImageSet, ImageSet]:
 
 def random_batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(
+        0, 10, (n,), generator=generator
+    )

@@ -1,4 +1,4 @@
-"""The ``eva8`` command (also ``python -m eva_utils``): summary, train, plot.
+"""The ``eva8`` command (also ``python -m eva_utils``): summary, train, plot, rf, analyze.
 
 Training flags are generated from :class:`~eva_utils.config.Config`, so every hyperparameter
 has a flag and its help text is the one in the README table.
@@ -21,6 +21,13 @@ PROG = "eva8"
 
 def _parse_optional_int(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _parse_data(text: str) -> str | None:
@@ -85,6 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--caption", default=None, help="second title line (default: the run, from metrics.json)"
     )
+
+    rf = commands.add_parser(
+        "rf", help="print every layer's receptive field (kernel, stride, jump, rf, start)"
+    )
+    rf.add_argument(
+        "--preset", choices=list(PRESETS), default=None,
+        help="the preset's model (GBN, dropout); default: plain resnet18()",
+    )  # fmt: skip
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="confusion matrix, per-class accuracy, misclassified images and effective "
+        "receptive fields of a trained run",
+    )
+    analyze.add_argument("run", type=Path, help="run folder holding best.pt, e.g. runs/NAME")
+    analyze.add_argument("--out", type=Path, help="folder for the PNG files (default: the run)")
+    analyze.add_argument(
+        "--data", metavar="PATH", default=None,
+        help="evaluate on this data source instead of the run's (same test subset size)",
+    )  # fmt: skip
+    analyze.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    analyze.add_argument(
+        "--erf-images", type=_positive_int, default=128, metavar="N",
+        help="test images averaged for each effective receptive field",
+    )  # fmt: skip
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -133,7 +166,43 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-COMMANDS = {"summary": cmd_summary, "train": cmd_train, "plot": cmd_plot}
+def cmd_rf(args: argparse.Namespace) -> None:
+    from .engine import build_model
+    from .model import resnet18
+    from .receptive_field import print_receptive_field
+
+    model = resnet18() if args.preset is None else build_model(get_preset(args.preset))
+    print_receptive_field(model)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from .analysis import FIGURE_NAMES, analyze, load_run, load_test_set
+    from .engine import select_device
+    from .plots import save_figure
+
+    run = load_run(args.run)
+    test_set = load_test_set(run, args.data)
+    report = analyze(
+        run, test_set, device=select_device(args.device), erf_images=args.erf_images,
+        progress=not args.quiet,
+    )  # fmt: skip
+    caption = f"{args.run.name}, best epoch {run.epoch}, {len(test_set):,} test images"
+    out = args.out if args.out is not None else args.run
+    paths = [save_figure(fig, out / FIGURE_NAMES[name])
+             for name, fig in report.figures(caption).items()]  # fmt: skip
+    worst = int(report.accuracy.nan_to_num(2.0).argmin())
+    print(
+        f"test accuracy {report.overall_accuracy:.2%} on {len(test_set):,} images "
+        f"(epoch {run.epoch}), {len(report.mistakes):,} misclassified; weakest class "
+        f"{report.classes[worst]} ({report.accuracy[worst]:.2%})"
+    )
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+COMMANDS = {
+    "summary": cmd_summary, "train": cmd_train, "plot": cmd_plot, "rf": cmd_rf,
+    "analyze": cmd_analyze,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

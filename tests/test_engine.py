@@ -80,7 +80,15 @@ def test_fit_runs_every_epoch_and_writes_a_valid_run_folder(tmp_path):
     assert metrics["config"]["epochs"] == 3 and metrics["config"]["norm"] == "gbn"
     assert set(metrics["environment"]) >= {"torch", "torchvision", "python", "device_name"}
     for row in history:
-        assert set(row) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+        assert set(row) == {
+            "epoch",
+            "train_loss",
+            "train_acc",
+            "test_loss",
+            "test_acc",
+            "lr",
+            "seconds",
+        }
         assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "last.pt", "best.pt"}
 

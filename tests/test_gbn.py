@@ -15,7 +15,9 @@ def reference(x, gbn: GhostBatchNorm2d, num_splits: int):
     outs, means, variances = [], [], []
     for ghost in x.tensor_split(num_splits):
         mean, var = gbn.running_mean.clone(), gbn.running_var.clone()
-        outs.append(F.batch_norm(ghost, mean, var, gbn.weight, gbn.bias, True, gbn.momentum, gbn.eps))
+        outs.append(
+            F.batch_norm(ghost, mean, var, gbn.weight, gbn.bias, True, gbn.momentum, gbn.eps)
+        )
         means.append(mean)
         variances.append(var)
     return torch.cat(outs), torch.stack(means).mean(0), torch.stack(variances).mean(0)
@@ -69,7 +71,9 @@ def test_eval_uses_running_stats():
         gbn(torch.randn(8, 4, 5, 5) * 2 + 3)
     gbn.eval()
     x = torch.randn(6, 4, 5, 5)
-    expected = F.batch_norm(x, gbn.running_mean, gbn.running_var, gbn.weight, gbn.bias, False, 0.0, gbn.eps)
+    expected = F.batch_norm(
+        x, gbn.running_mean, gbn.running_var, gbn.weight, gbn.bias, False, 0.0, gbn.eps
+    )
     torch.testing.assert_close(gbn(x), expected)
     # eval output of one image does not depend on the rest of the batch
     torch.testing.assert_close(gbn(x[:1]), expected[:1])

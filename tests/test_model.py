@@ -13,8 +13,8 @@ import torchsummary
 from torch import nn
 
 from eva_utils import GhostBatchNorm2d, count_parameters, resnet18, resnet34, summary
-from eva_utils.engine import build_model
 from eva_utils.config import get_preset
+from eva_utils.engine import build_model
 
 ASSIGNMENT_TABLE = (Path(__file__).parent / "data" / "assignment_summary.txt").read_text()
 

@@ -1,0 +1,79 @@
+"""The eva8 command end to end on tiny data: train writes a run folder, plot redraws it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+CLI = [sys.executable, "-m", "eva_utils"]
+FIGURES = {"validation_loss.png", "validation_accuracy.png"}
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=check)
+
+
+def assert_real_png(path: Path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 200
+        # not blank: the original saved its accuracy figure after plt.show(), empty
+        assert len(set(image.convert("L").getdata())) > 10
+
+
+def test_train_on_a_tiny_image_folder_writes_metrics_checkpoints_and_graphs(tmp_path, tiny_folder):
+    out = tmp_path / "runs" / "tiny"
+    result = run("train", "--preset", "session8", "--data", tiny_folder, "--epochs", "1",
+                 "--batch-size", "4", "--out", out)  # fmt: skip
+    assert "best test accuracy" in result.stdout
+    assert "epoch 1 train" in result.stderr  # the progress bar
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["data"] == str(tiny_folder)
+    assert [row["epoch"] for row in metrics["history"]] == [1]
+    assert {"torch", "torchvision", "python", "device_name"} <= set(metrics["environment"])
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "best.pt", "last.pt"} | FIGURES
+    for name in FIGURES:
+        assert_real_png(out / name)
+
+
+def test_plot_redraws_the_graphs_without_training(tmp_path):
+    out = tmp_path / "run"
+    run("train", "--data", "synthetic", "--train-size", "32", "--test-size", "16",
+        "--batch-size", "16", "--epochs", "2", "--out", out, "--quiet")  # fmt: skip
+    result = run("plot", out / "metrics.json", "--out", tmp_path / "graphs")
+    assert {p.name for p in (tmp_path / "graphs").iterdir()} == FIGURES
+    assert "wrote" in result.stdout
+    for name in FIGURES:
+        assert_real_png(tmp_path / "graphs" / name)
+
+
+def test_plot_is_deterministic(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    history = [
+        {"epoch": e, "train_loss": 2 / e, "train_acc": e / 10, "test_loss": 2.2 / e,
+         "test_acc": e / 11, "lr": 0.016, "seconds": 1.0}
+        for e in range(1, 6)
+    ]  # fmt: skip
+    metrics.write_text(json.dumps({"config": {}, "environment": {}, "history": history}))
+    run("plot", metrics, "--out", tmp_path / "a")
+    run("plot", metrics, "--out", tmp_path / "b")
+    for name in FIGURES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_summary_of_a_preset_shows_its_gbn_and_dropout():
+    out = run("summary", "--preset", "session8").stdout
+    assert "GhostBatchNorm2d-2" in out and "Dropout" in out and "11,173,962" in out
+
+
+def test_every_config_field_has_a_train_flag():
+    from dataclasses import fields
+
+    from eva_utils.config import Config
+
+    help_text = run("train", "--help").stdout
+    for field in fields(Config):
+        assert "--" + field.name.replace("_", "-") in help_text

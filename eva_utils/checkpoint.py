@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -25,7 +26,7 @@ import torch
 import torchvision
 
 from .config import Config
-from .errors import CheckpointError, Interrupted
+from .errors import CheckpointError, Interrupted, TrainingDiverged
 
 if TYPE_CHECKING:
     from .engine import Run
@@ -37,8 +38,10 @@ LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.json"
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); give it the permissions open() would have.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
@@ -48,6 +51,31 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _temporary_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder`` (``.last.pt.*.tmp``...).
+
+    A SIGKILL or power cut during :func:`atomic_save` skips its clean-up. The finished files are
+    never touched. Returns the paths removed.
+    """
+    removed = []
+    for name in (LAST, BEST, METRICS):
+        for path in Path(folder).glob(f"{_temporary_prefix(name)}*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -114,18 +142,49 @@ def _tuples(value: Any) -> Any:
 # --- run folders -------------------------------------------------------------------------------
 
 
-def prepare_run_folder(out: Path) -> None:
-    """Create ``out`` for a new run; refuse to overwrite a run that could be resumed."""
+def check_new_run_folder(out: Path) -> None:
+    """Refuse to start a new run where one that could be resumed already is."""
     if (out / LAST).exists():
         raise CheckpointError(
             f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
         )
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file, not a run folder: choose another --out")
+
+
+def prepare_run_folder(out: Path) -> None:
+    """Create ``out`` for a new run; refuse to overwrite a run that could be resumed."""
+    check_new_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
 
 
 def save(run: Run, out: Path) -> None:
-    """Write last.pt, best.pt (if this epoch is the best) and metrics.json, each atomically."""
+    """Write best.pt (if this epoch is the best), metrics.json and last.pt, each atomically.
+
+    last.pt goes last: it is what a resume starts from, so a crash between the writes makes the
+    resumed run redo this epoch (exactly) and rewrite the other two. A diverged epoch (test loss
+    NaN or infinite) raises :class:`TrainingDiverged` and overwrites nothing.
+    """
     history = run.history
+    if not math.isfinite(history[-1]["test_loss"]):
+        raise TrainingDiverged(
+            f"the test loss became NaN or infinite after epoch {history[-1]['epoch']} "
+            "(the weights diverged in its last steps): lower the learning rate (--lr)"
+        )
+    if history[-1]["test_acc"] >= max(row["test_acc"] for row in history):
+        atomic_save(
+            {
+                "format": FORMAT,
+                "config": run.config.to_dict(),
+                "classes": list(run.classes),
+                "model": run.model.state_dict(),
+                "epoch": history[-1]["epoch"],
+                "test_acc": history[-1]["test_acc"],
+            },
+            out / BEST,
+        )
+    write_metrics(out / METRICS, run.config, history, environment(run.device))
     atomic_save(
         {
             "format": FORMAT,
@@ -140,19 +199,6 @@ def save(run: Run, out: Path) -> None:
         },
         out / LAST,
     )
-    if history[-1]["test_acc"] >= max(row["test_acc"] for row in history):
-        atomic_save(
-            {
-                "format": FORMAT,
-                "config": run.config.to_dict(),
-                "classes": list(run.classes),
-                "model": run.model.state_dict(),
-                "epoch": history[-1]["epoch"],
-                "test_acc": history[-1]["test_acc"],
-            },
-            out / BEST,
-        )
-    write_metrics(out / METRICS, run.config, history, environment(run.device))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -173,29 +219,98 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str) -> None:
     """Load a checkpoint's weights, with a one-line error if the architecture differs."""
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
+    expected, given = model.state_dict(), state["model"]
+    unexpected = [name for name in given if name not in expected]
+    missing = [name for name in expected if name not in given]
+    reshaped = [
+        name for name in expected if name in given and expected[name].shape != given[name].shape
+    ]
+    if unexpected or missing or reshaped:
+        first = (unexpected or missing or reshaped)[0]
         raise CheckpointError(
-            f"{path} holds weights of another architecture "
-            f"({state['config'].get('arch')}, {len(state['classes'])} classes)"
-        ) from None
+            f"{path} holds weights of another architecture than this model "
+            f"({len(unexpected)} unexpected, {len(missing)} missing and {len(reshaped)} "
+            f"differently shaped tensors, e.g. {first}); its config says "
+            f"{state['config'].get('arch')} with {len(state['classes'])} classes"
+        )
+    model.load_state_dict(given)
+
+
+# Settings a resumed run must keep: the checkpoint's optimizer, schedule and RNG states were made
+# with them, so a new value would be silently ignored or could not load. The learning rate may
+# change (see _rescale_lr); anything else (epochs, device, data path...) simply takes effect.
+FIXED_ON_RESUME = (
+    "arch", "momentum", "nesterov", "weight_decay", "decay_norm_bias", "schedule", "step_size",
+    "gamma", "warmup", "seed",
+)  # fmt: skip
 
 
 def restore(run: Run, out: Path) -> None:
-    """Put ``run`` back in the state ``out/last.pt`` recorded after its last finished epoch."""
+    """Put ``run`` back in the state ``out/last.pt`` recorded after its last finished epoch.
+
+    On the CPU with the same settings the resumed run repeats the uninterrupted one exactly.
+    A different ``lr`` rescales the rest of the schedule; the settings in
+    :data:`FIXED_ON_RESUME` cannot change.
+    """
     path = out / LAST
     if not path.exists():
         raise CheckpointError(
             f"{out} has no checkpoint ({LAST}) to resume: start a new run with --out"
         )
+    remove_stale_temporaries(out)
     state = load_checkpoint(path)
+    saved = Config.from_dict(state["config"])
+    _check_resumable(run, saved, state, out)
     load_weights(run.model, state, path)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"], run.generator)
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # empty when saved without a gradient scaler (CPU, bf16)
+            run.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], run.generator)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path} cannot be resumed with these settings ({error})") from None
+    if run.config.lr != saved.lr:
+        _rescale_lr(run, run.config.lr / saved.lr)
     run.history = list(state["history"])
+
+
+def _check_resumable(run: Run, saved: Config, state: dict[str, Any], out: Path) -> None:
+    changed = [
+        name for name in FIXED_ON_RESUME if getattr(run.config, name) != getattr(saved, name)
+    ]
+    if changed:
+        changes = ", ".join(
+            f"--{name.replace('_', '-')} {getattr(saved, name)} -> {getattr(run.config, name)}"
+            for name in changed
+        )
+        raise CheckpointError(
+            f"cannot resume {out} with other settings ({changes}): its weights, optimizer and "
+            "schedule were made with the old ones; drop those flags, or start a new run with --out"
+        )
+    if list(state["classes"]) != list(run.classes):
+        raise CheckpointError(
+            f"{out} was trained on the classes {list(state['classes'])}, the data now has "
+            f"{list(run.classes)}: resume with the run's own data (--data)"
+        )
+    if run.config.schedule == "onecycle":
+        saved_steps = state["scheduler"].get("total_steps")
+        if saved_steps != run.scheduler.total_steps:
+            raise CheckpointError(
+                f"{out} follows a onecycle schedule of {saved_steps} steps ({saved.epochs} "
+                f"epochs); these settings need {run.scheduler.total_steps}: a onecycle run "
+                "cannot be lengthened or re-batched, so keep --epochs, --batch-size, "
+                "--train-size and --max-batches, or start a new run with --out"
+            )
+
+
+def _rescale_lr(run: Run, factor: float) -> None:
+    """Scale the rest of the schedule by ``factor``, as if the run had started with that lr."""
+    for group in run.optimizer.param_groups:
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # StepLR and OneCycleLR's keys
+            if key in group:
+                group[key] *= factor
+    run.scheduler.base_lrs = [lr * factor for lr in run.scheduler.base_lrs]
 
 
 def resume_config(out: Path, **changes: Any) -> Config:
@@ -230,6 +345,8 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
         metrics = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist: give the metrics.json of a run") from None
+    except OSError as error:  # a folder, no permission...
+        raise CheckpointError(f"cannot read {path} ({error.strerror}): is it a file?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(
             f"{path} is not valid JSON ({error}): is it a metrics.json?"
@@ -265,7 +382,8 @@ def describe_run(metrics: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def interruptible(out: Path | None, current_epoch: Callable[[], int]) -> Iterator[None]:
-    """Turn Ctrl-C and SIGTERM into :class:`Interrupted`, which says how to resume."""
+    """Turn Ctrl-C and SIGTERM into :class:`Interrupted`, which says how to resume; when
+    training diverges, add what the run folder still holds to the error."""
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
@@ -275,15 +393,37 @@ def interruptible(out: Path | None, current_epoch: Callable[[], int]) -> Iterato
     try:
         yield
     except KeyboardInterrupt:
-        epoch = current_epoch()
-        if out is None or not (out / LAST).exists():
+        if out is None:
             raise Interrupted(
-                f"stopped in epoch {epoch}; no epoch had finished, nothing to resume"
+                f"stopped in epoch {current_epoch()}; without a run folder (out=...) there is "
+                "nothing to resume"
+            ) from None
+        # Count the epochs last.pt really holds: the signal may have come during its write.
+        saved = _saved_epochs(out)
+        if not saved:
+            raise Interrupted(
+                "stopped in epoch 1; no epoch had finished, nothing to resume"
             ) from None
         raise Interrupted(
-            f"stopped in epoch {epoch}; {out / LAST} holds epochs 1-{epoch - 1}: "
+            f"stopped in epoch {saved + 1}; {out / LAST} holds epochs 1-{saved}: "
             f"resume with: python -m eva_utils train --resume {out}"
         ) from None
+    except TrainingDiverged as error:
+        saved = _saved_epochs(out) if out is not None else 0
+        if not saved:
+            raise
+        raise TrainingDiverged(
+            f"{error}; {out / LAST} keeps epochs 1-{saved}, the last good ones: to continue "
+            f"from them, python -m eva_utils train --resume {out} --lr SMALLER_LR"
+        ) from error
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _saved_epochs(out: Path) -> int:
+    """How many epochs ``out/last.pt`` holds (0 if none or unreadable)."""
+    try:
+        return len(load_checkpoint(out / LAST)["history"])
+    except CheckpointError:
+        return 0

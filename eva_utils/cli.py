@@ -14,9 +14,10 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import PRESETS, Config, get_preset
-from .errors import EvaError, Interrupted
+from .errors import ConfigError, EvaError, Interrupted
 
 PROG = "eva8"
+DEFAULT_PRESET = "session8"
 
 
 def _parse_optional_int(text: str) -> int | None:
@@ -61,7 +62,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-    return get_preset(args.preset).replace(**{k: v for k, v in given.items() if v is not None})
+    preset = get_preset(args.preset or DEFAULT_PRESET)
+    return preset.replace(**{k: v for k, v in given.items() if v is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a preset, writing metrics, checkpoints, graphs"
     )
-    train.add_argument("--preset", default="session8", help=f"one of {', '.join(PRESETS)}")
+    train.add_argument(
+        "--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: {DEFAULT_PRESET})"
+    )
     train.add_argument("--out", type=Path, help="run folder, e.g. runs/NAME")
     train.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -136,6 +140,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         out = args.resume
+        if args.out is not None and args.out.resolve() != out.resolve():
+            raise ConfigError("give --out (a new run) or --resume (an existing one), not both")
+        if args.preset is not None:
+            raise ConfigError(
+                f"--preset cannot change a resumed run: {out} continues with the settings in its "
+                "checkpoint (flags such as --epochs still apply)"
+            )
         changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
         config = checkpoint.resume_config(
             out, **{k: v for k, v in changes.items() if v is not None}
@@ -144,6 +155,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise EvaError("train needs --out runs/NAME (or --resume runs/NAME)")
     else:
         out, config = args.out, config_from_args(args)
+        # Before loading any data: refusing takes a second, not a data set's loading time.
+        checkpoint.check_new_run_folder(out)
     history = fit(config, out=out, resume=args.resume is not None, progress=not args.quiet)
     figures = save_history_figures(history, out)
     s = summarize_history(history)
@@ -211,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except Interrupted as error:
         print(f"{PROG}: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before training started (loading data...): nothing to resume
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except EvaError as error:
         if args.debug:

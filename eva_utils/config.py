@@ -80,9 +80,18 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 yield f"{name} must be a positive integer, got {value}"
-        if not self.lr > 0:
-            yield f"lr must be positive, got {self.lr}"
-        if self.norm == "gbn" and self.num_splits > self.batch_size:
+        if not 0.0 < self.lr < float("inf"):  # also refuses NaN
+            yield f"lr must be a positive number, got {self.lr}"
+        for name in ("momentum", "weight_decay", "rotate_degrees", "num_workers"):
+            if not getattr(self, name) >= 0:
+                yield f"{name} must be zero or positive, got {getattr(self, name)}"
+        if self.nesterov and not self.momentum > 0:
+            yield "nesterov needs a positive momentum"
+        if not 0.0 < self.gamma < float("inf"):
+            yield f"gamma must be a positive number, got {self.gamma}"
+        if not 0.0 < self.warmup < 1.0:
+            yield f"warmup must be a fraction in (0, 1), got {self.warmup}"
+        if self.norm == "gbn" and 1 <= self.batch_size < self.num_splits:
             yield (
                 f"num_splits ({self.num_splits}) is larger than batch_size ({self.batch_size}): "
                 "each ghost batch needs at least one image"

@@ -1,0 +1,345 @@
+"""Bad input gives one clear line on stderr (``eva8: error: ...``, no traceback), a non-zero exit
+and loses nothing; ``--debug`` shows the traceback.
+
+Two cases run the real ``python -m eva_utils`` process; the others call ``cli.main`` in this
+process (the same code, a few seconds faster each: importing torch dominates a subprocess).
+An exception escaping ``main`` would be a traceback for the user, and fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eva_utils import checkpoint, get_preset
+from eva_utils.cli import main
+from eva_utils.engine import Run
+from eva_utils.errors import DataError
+
+from .conftest import write_archive, write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--train-size", "16", "--test-size", "10", "--batch-size", "8", "--max-batches", "1",
+    "--epochs", "1", "--device", "cpu", "--quiet",
+]  # fmt: skip
+SYNTHETIC = ["--data", "synthetic", *TINY]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def eva8(capsys, *args: str | Path) -> tuple[int, str]:
+    """Run the CLI in this process: (exit code, stderr)."""
+    code = main([str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, stderr: str, *fragments: str) -> str:
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("eva8: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def run_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "eva_utils", *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+
+
+# --- the real process -------------------------------------------------------------------------
+
+
+def test_missing_data_path_is_one_line_in_the_real_process(tmp_path):
+    result = run_process("train", "--data", "nowhere", *TINY, "--out", "run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "eva8: error: data path nowhere does not exist: pass --data PATH (an ImageFolder with "
+        "train/ and test/, or a .tar.gz of one)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    result = run_process(
+        "--debug", "train", "--data", "nowhere", *TINY, "--out", "run", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "eva_utils.errors.DataError: data path nowhere does not exist" in result.stderr
+
+
+def test_debug_flag_reraises_in_process(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        main(["--debug", "train", "--data", str(tmp_path / "nowhere"), *TINY, "--out", "run"])
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def test_empty_data_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = eva8(capsys, "train", "--data", tmp_path / "empty", *TINY, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "is empty")
+    assert not (tmp_path / "r").exists()
+
+
+def test_folder_without_train_and_test(tmp_path, capsys):
+    write_image_folder(tmp_path / "data")
+    (tmp_path / "data" / "test").rename(tmp_path / "data" / "validation")
+    code, err = eva8(capsys, "train", "--data", tmp_path / "data", *TINY, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "has no train/ and test/ folders")
+
+
+def test_train_and_test_classes_differ(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "data")
+    (data / "test" / "ship").rename(data / "test" / "truck")
+    code, err = eva8(capsys, "train", "--data", data, *TINY, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "train and test classes differ", "'ship'", "'truck'")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_names_the_file(damage, tmp_path, capsys):
+    data = write_image_folder(tmp_path / "data")
+    bad = data / "train" / "dog" / "0002.png"
+    content = bad.read_bytes()
+    bad.write_bytes(b"not an image at all" if damage == "garbage" else content[: len(content) // 2])
+    code, err = eva8(capsys, "train", "--data", data, *TINY, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, f"cannot read image {bad}", "delete or replace it")
+
+
+def test_file_that_is_not_a_tar_gz(tmp_path, capsys):
+    fake = tmp_path / "cifar10.tar.gz"
+    fake.write_text("<html>404 Not Found</html>")
+    code, err = eva8(capsys, "train", "--data", fake, *TINY, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "is not a .tar or .tar.gz archive")
+
+
+def test_truncated_tar_gz(tmp_path, capsys):
+    archive = write_archive(write_image_folder(tmp_path / "data"), tmp_path / "data.tar.gz")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    code, err = eva8(capsys, "train", "--data", archive, *TINY, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, "could not extract", "is it a complete download?")
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "epochs must be a positive integer, got 0"),
+        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+        (["--batch-size", "-8"], "batch_size must be a positive integer, got -8"),
+        (["--lr", "0"], "lr must be a positive number, got 0.0"),
+        (["--lr", "-0.1"], "lr must be a positive number, got -0.1"),
+        (["--lr", "nan"], "lr must be a positive number, got nan"),
+        (["--lr", "inf"], "lr must be a positive number, got inf"),
+        (["--momentum", "-0.9"], "momentum must be zero or positive"),
+        (["--momentum", "0", "--nesterov"], "nesterov needs a positive momentum"),
+        (["--weight-decay", "-1"], "weight_decay must be zero or positive"),
+        (["--gamma", "0"], "gamma must be a positive number"),
+        (["--preset", "fast", "--warmup", "1.5"], "warmup must be a fraction in (0, 1)"),
+        (["--num-workers", "-1"], "num_workers must be zero or positive"),
+        (["--batch-size", "2", "--num-splits", "4"], "num_splits (4) is larger than batch_size"),
+        (["--preset", "session9"], "unknown preset 'session9': choose one of session8, fast"),
+        (["--arch", "resnet50"], "arch must be resnet18 or resnet34"),
+    ],
+)
+def test_impossible_settings(flags, message, tmp_path, capsys):
+    code, err = eva8(capsys, "train", *SYNTHETIC, *flags, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_num_splits_larger_than_a_tiny_training_set(tmp_path, capsys):
+    code, err = eva8(
+        capsys, "train", *SYNTHETIC, "--train-size", "1", "--num-splits", "2", "--out",
+        tmp_path / "r",
+    )  # fmt: skip
+    assert_one_line_error(code, err, "num_splits (2) is larger than the batch (1 images)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_where_there_is_none(device, tmp_path, capsys):
+    code, err = eva8(capsys, "train", *SYNTHETIC, "--device", device, "--out", tmp_path / "r")
+    assert_one_line_error(code, err, f"device '{device}' was asked for but CUDA is not available")
+    assert not (tmp_path / "r").exists()
+
+
+# --- plot ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"history": [{"epoch": 1, "test_acc": ', "is not valid JSON"),
+        ("\x89PNG\r\n\x1a\n\x00\x00", "is not valid JSON"),
+        ('{"loss": [2.3, 1.9], "val_loss": [2.2, 2.0]}', "is not an eva8 metrics.json"),
+        ('[{"epoch": 1}]', "is not an eva8 metrics.json"),
+        ('{"history": [{"epoch": 1, "loss": 2.3}]}', "is not an eva8 metrics.json"),
+        ('{"history": []}', "is not an eva8 metrics.json"),
+    ],
+    ids=["truncated", "binary", "keras-history", "list", "other-keys", "no-epochs"],
+)
+def test_plot_of_a_file_that_is_not_eva8_metrics(content, message, tmp_path, capsys):
+    path = tmp_path / "metrics.json"
+    path.write_text(content)
+    code, err = eva8(capsys, "plot", path, "--out", tmp_path / "images")
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "images").exists()
+
+
+@pytest.mark.parametrize("make", ["missing", "folder"])
+def test_plot_of_a_path_that_is_no_file(make, tmp_path, capsys):
+    path = tmp_path / "metrics.json"
+    if make == "folder":
+        path.mkdir()
+    code, err = eva8(capsys, "plot", path, "--out", tmp_path / "images")
+    assert_one_line_error(code, err, str(path))
+
+
+# --- run folders and resume -----------------------------------------------------------------------
+
+
+def fake_run(out: Path, preset: str = "session8", **changes) -> Path:
+    """A run folder whose last.pt holds epoch 1 (untrained weights: no training needed)."""
+    config = get_preset(preset).replace(
+        data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=1,
+        device="cpu", epochs=1, **changes,
+    )  # fmt: skip
+    run = Run(config, progress=False)
+    run.history.append(
+        dict(epoch=1, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1, lr=config.lr,
+             seconds=1.0)
+    )  # fmt: skip
+    checkpoint.save(run, out)
+    return out / checkpoint.LAST
+
+
+def test_train_into_a_folder_that_holds_a_run_refuses_and_says_resume(tmp_path, capsys):
+    last = fake_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    code, err = eva8(capsys, "train", *SYNTHETIC, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "already holds a run", f"--resume {tmp_path / 'run'}")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert len(checkpoint.load_checkpoint(last)["history"]) == 1
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_resume_of_a_folder_without_checkpoint(make, tmp_path, capsys):
+    if make == "empty":
+        (tmp_path / "run").mkdir()
+    code, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--quiet")
+    assert_one_line_error(code, err, "has no checkpoint (last.pt) to resume")
+
+
+def test_resume_of_a_truncated_checkpoint(tmp_path, capsys):
+    last = fake_run(tmp_path / "run")
+    last.write_bytes(last.read_bytes()[:1000])
+    code, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--quiet")
+    assert_one_line_error(code, err, "is not a readable checkpoint")
+
+
+def test_resume_of_a_resnet34_run_as_resnet18(tmp_path, capsys):
+    last = fake_run(tmp_path / "run34", arch="resnet34")
+    before = last.read_bytes()
+    code, err = eva8(capsys, "train", "--resume", tmp_path / "run34", "--arch", "resnet18")
+    assert_one_line_error(code, err, "--arch resnet34 -> resnet18", "start a new run with --out")
+    assert last.read_bytes() == before
+
+
+def test_resume_of_a_checkpoint_whose_weights_are_another_architecture(tmp_path, capsys):
+    """Crafted: the config says resnet18 but the weights are a resnet34's."""
+    last = fake_run(tmp_path / "run", arch="resnet34")
+    state = checkpoint.load_checkpoint(last)
+    state["config"]["arch"] = "resnet18"
+    torch.save(state, last)
+    code, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--quiet")
+    assert_one_line_error(
+        code, err, "holds weights of another architecture than this model", "unexpected"
+    )
+
+
+def test_resume_cannot_lengthen_a_onecycle_run(tmp_path, capsys):
+    fake_run(tmp_path / "run", preset="fast")
+    code, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--epochs", "2", "--quiet")
+    assert_one_line_error(code, err, "onecycle schedule of 1 steps", "cannot be lengthened")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--preset", "fast"], "--preset cannot change a resumed run"),
+        (["--out", "elsewhere"], "give --out (a new run) or --resume (an existing one), not both"),
+        (["--seed", "7"], "--seed 1 -> 7"),
+    ],
+)
+def test_resume_with_flags_it_cannot_honour(flags, message, tmp_path, capsys):
+    fake_run(tmp_path / "run")
+    code, err = eva8(capsys, "train", "--resume", tmp_path / "run", *flags, "--quiet")
+    assert_one_line_error(code, err, message)
+
+
+# --- divergence ----------------------------------------------------------------------------------
+
+
+def assert_last_good_epoch_kept(run: Path, lr: float) -> None:
+    state = checkpoint.load_checkpoint(run / checkpoint.LAST)
+    assert [row["epoch"] for row in state["history"]] == [1]
+    assert state["config"]["lr"] == lr
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    history = checkpoint.read_metrics(run / checkpoint.METRICS)["history"]
+    assert all(math.isfinite(row["test_loss"]) for row in history)
+
+
+def test_nan_training_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys
+):
+    run = tmp_path / "run"
+    four_steps = ["--data", "synthetic", *TINY, "--train-size", "32", "--max-batches", "none"]
+    assert eva8(capsys, "train", *four_steps, "--out", run) == (0, "")
+    code, err = eva8(capsys, "train", "--resume", run, "--epochs", "2", "--lr", "1e6", "--quiet")
+    line = assert_one_line_error(
+        code, err, "the loss became NaN or infinite in epoch 2 train, step ",
+        "lower the learning rate (--lr)", f"{run / 'last.pt'} keeps epochs 1-1",
+        f"--resume {run} --lr SMALLER_LR",
+    )  # fmt: skip
+    assert "step 1:" not in line  # step 1's loss is computed before the first huge update
+    assert_last_good_epoch_kept(run, lr=0.016)
+    # The advice works: a lower rate continues from the kept epoch.
+    code, err = eva8(capsys, "train", "--resume", run, "--epochs", "2", "--lr", "0.008", "--quiet")
+    assert code == 0, err
+    assert [r["epoch"] for r in checkpoint.read_metrics(run / "metrics.json")["history"]] == [1, 2]
+
+
+def test_weights_that_diverge_in_the_last_step_are_not_saved(tmp_path, capsys):
+    """One step per epoch: the loss of the huge step is still finite (computed before it), but
+    the weights it leaves give a NaN test loss. That epoch must not overwrite last.pt."""
+    run = tmp_path / "run"
+    assert eva8(capsys, "train", *SYNTHETIC, "--out", run) == (0, "")
+    code, err = eva8(capsys, "train", "--resume", run, "--epochs", "2", "--lr", "1e6", "--quiet")
+    assert_one_line_error(
+        code, err, "the test loss became NaN or infinite after epoch 2",
+        f"{run / 'last.pt'} keeps epochs 1-1",
+    )  # fmt: skip
+    assert_last_good_epoch_kept(run, lr=0.016)

@@ -1,0 +1,251 @@
+"""Crash tests: kill -9 and SIGTERM in the middle of an epoch, then --resume; a writer killed in
+the middle of a checkpoint write. Every epoch must end up in the history exactly once, with the
+numbers of an uninterrupted run, and no temporary file may stay in the run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eva_utils import checkpoint, get_preset
+from eva_utils.engine import Run, fit
+from eva_utils.errors import Interrupted
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 2
+# 8 training steps of 4 images per epoch: long enough to land a signal inside an epoch.
+CLI_TINY = [
+    "--data", "synthetic", "--train-size", "32", "--test-size", "10", "--batch-size", "4",
+    "--device", "cpu", "--quiet", "--epochs", str(EPOCHS),
+]  # fmt: skip
+TIMEOUT = 240  # seconds for any one process: generous, for a loaded machine
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread in this process too: fast on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "eva_utils", *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    """Wait for ``process``; its exit code and stderr."""
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"{process.args} did not finish in {TIMEOUT} s:\n{stderr}")
+    return process.returncode, stderr
+
+
+def wait_for_first_epoch(process: subprocess.Popen, run: Path) -> float:
+    """Block until ``run/last.pt`` holds epoch 1 (it is renamed into place complete, and
+    written last); return that epoch's duration in seconds."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (run / checkpoint.LAST).exists():
+        if process.poll() is not None:
+            pytest.fail(f"training ended before its first epoch:\n{process.communicate()[1]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no epoch finished in {TIMEOUT} s")
+        time.sleep(0.05)
+    return json.loads((run / checkpoint.METRICS).read_text())["history"][0]["seconds"]
+
+
+def signal_mid_epoch(process: subprocess.Popen, run: Path, signum: int) -> None:
+    """Send ``signum`` a quarter of the way into epoch 2."""
+    seconds = wait_for_first_epoch(process, run)
+    time.sleep(seconds / 4)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signum)
+
+
+def saved_epochs(run: Path) -> list[int]:
+    return [row["epoch"] for row in checkpoint.load_checkpoint(run / checkpoint.LAST)["history"]]
+
+
+def without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def leftovers(run: Path) -> list[str]:
+    """Temporary or hidden files in a run folder (there should be none)."""
+    return sorted(p.name for p in run.iterdir() if p.name.startswith(".") or p.suffix == ".tmp")
+
+
+def assert_complete(run: Path, reference: Path) -> None:
+    """Every epoch exactly once, the uninterrupted run's numbers, readable files, no debris."""
+    metrics = checkpoint.read_metrics(run / checkpoint.METRICS)
+    assert [row["epoch"] for row in metrics["history"]] == list(range(1, EPOCHS + 1))
+    assert saved_epochs(run) == list(range(1, EPOCHS + 1))
+    expected = checkpoint.read_metrics(reference / checkpoint.METRICS)["history"]
+    assert without_seconds(metrics["history"]) == without_seconds(expected)
+    assert checkpoint.load_checkpoint(run / checkpoint.BEST)["epoch"] in range(1, EPOCHS + 1)
+    assert leftovers(run) == []
+
+
+def test_kill_9_mid_epoch_then_resume_completes_every_epoch_once(tmp_path):
+    reference = start("train", *CLI_TINY, "--out", "reference", cwd=tmp_path)
+    victim = start("train", *CLI_TINY, "--out", "run", cwd=tmp_path)
+    signal_mid_epoch(victim, tmp_path / "run", signal.SIGKILL)
+    assert finish(victim)[0] == -signal.SIGKILL
+    assert saved_epochs(tmp_path / "run") == [1], "the kill did not land inside epoch 2"
+
+    code, stderr = finish(start("train", "--resume", "run", "--quiet", cwd=tmp_path))
+    assert code == 0, stderr
+    assert finish(reference)[0] == 0
+    assert_complete(tmp_path / "run", tmp_path / "reference")
+
+
+def test_sigterm_exits_130_says_how_to_resume_and_resume_completes(tmp_path):
+    """With the onecycle recipe, whose schedule must continue exactly where it stopped."""
+    fast = ["--preset", "fast", *CLI_TINY]
+    reference = start("train", *fast, "--out", "reference", cwd=tmp_path)
+    victim = start("train", *fast, "--out", "run", cwd=tmp_path)
+    signal_mid_epoch(victim, tmp_path / "run", signal.SIGTERM)
+    code, stderr = finish(victim)
+    assert code == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"eva8: stopped in epoch 2; {Path('run') / 'last.pt'} holds epochs 1-1: "
+        "resume with: python -m eva_utils train --resume run"
+    )
+    assert saved_epochs(tmp_path / "run") == [1]
+    assert leftovers(tmp_path / "run") == []
+
+    code, stderr = finish(start("train", "--resume", "run", "--quiet", cwd=tmp_path))
+    assert code == 0, stderr
+    assert finish(reference)[0] == 0
+    assert_complete(tmp_path / "run", tmp_path / "reference")
+
+
+TINY = get_preset("session8").replace(
+    data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=1, device="cpu",
+    epochs=2,
+)  # fmt: skip
+
+
+def fake_run(out: Path) -> Path:
+    """A run folder with a checkpoint after epoch 1 (untrained weights: no training needed)."""
+    run = Run(TINY, progress=False)
+    run.history.append(
+        dict(epoch=1, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1, lr=TINY.lr,
+             seconds=1.0)
+    )  # fmt: skip
+    checkpoint.save(run, out)
+    return out / checkpoint.LAST
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from eva_utils import checkpoint
+
+def write(file):
+    file.write(b"the first bytes of a checkpoint")
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint._atomic_write(Path(sys.argv[1]), write)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_that_resume_removes(tmp_path):
+    last = fake_run(tmp_path / "run")
+    before = last.read_bytes()
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_MID_WRITE, str(last)], env=ENV, timeout=TIMEOUT
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (stale,) = leftovers(tmp_path / "run")
+    assert stale.startswith(".last.pt.") and stale.endswith(".tmp")
+    assert last.read_bytes() == before  # the finished checkpoint was never touched
+
+    history = fit(TINY, out=tmp_path / "run", resume=True, progress=False)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert leftovers(tmp_path / "run") == []
+    assert saved_epochs(tmp_path / "run") == [1, 2]
+
+
+def test_a_new_run_removes_temporaries_of_a_killed_first_epoch(tmp_path):
+    """Killed while writing epoch 1: no last.pt, so the folder may be reused by a new run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".last.pt.k1ll3d.tmp").write_bytes(b"partial")
+    (run / ".metrics.json.k1ll3d.tmp").write_bytes(b"{")
+    (run / "notes.txt").write_text("mine")  # not ours: kept
+    checkpoint.prepare_run_folder(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_interrupt_during_the_checkpoint_write_keeps_the_previous_epoch(tmp_path, monkeypatch):
+    """SIGTERM lands while last.pt of epoch 2 is being written: the previous last.pt stays,
+    the message counts the epochs it really holds, and the resumed run redoes epoch 2."""
+    real_write = checkpoint._atomic_write
+
+    def interrupted_write(path, write):
+        if path.name == checkpoint.LAST and (path.parent / checkpoint.LAST).exists():
+
+            def write_then_stop(file):
+                file.write(b"half a checkpoint")
+                raise KeyboardInterrupt
+
+            return real_write(path, write_then_stop)
+        return real_write(path, write)
+
+    full = fit(TINY, progress=False)
+    monkeypatch.setattr(checkpoint, "_atomic_write", interrupted_write)
+    with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*last.pt holds epochs 1-1"):
+        fit(TINY, out=tmp_path / "run", progress=False)
+    assert saved_epochs(tmp_path / "run") == [1]
+    assert leftovers(tmp_path / "run") == []
+
+    monkeypatch.setattr(checkpoint, "_atomic_write", real_write)
+    resumed = fit(TINY, out=tmp_path / "run", resume=True, progress=False)
+    assert without_seconds(resumed) == without_seconds(full)
+    metrics = checkpoint.read_metrics(tmp_path / "run" / checkpoint.METRICS)
+    assert without_seconds(metrics["history"]) == without_seconds(full)
+
+
+def test_run_files_get_the_usual_permissions_not_private_ones(tmp_path):
+    """mkstemp creates 0600 files; metrics.json and checkpoints should follow the umask."""
+    previous = os.umask(0o022)
+    try:
+        checkpoint.atomic_write_json({"a": 1}, tmp_path / "metrics.json")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """Loading a real data set takes seconds; Ctrl-C there has nothing to resume."""
+    from eva_utils import engine
+    from eva_utils.cli import main
+
+    def interrupted_load(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "load_datasets", interrupted_load)
+    code = main(["train", "--data", "synthetic", "--quiet", "--out", str(tmp_path / "run")])
+    assert code == 130
+    assert capsys.readouterr().err == "eva8: interrupted\n"
+    assert not (tmp_path / "run").exists()

@@ -3,13 +3,18 @@ and its effective receptive field next to an untrained one's.
 
 Functions named for a quantity return data; ``plot_*`` functions take that data and return a
 matplotlib Figure. :func:`analyze` composes them for a run folder (the ``analyze`` command).
+:func:`save_report` keeps the numbers behind the figures as a small JSON file, without pixels
+(mistakes are test-set indices), from which the ``figures`` command redraws them.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
@@ -18,9 +23,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import Config
-from .data import ImageSet
+from .data import HINT, ImageSet
 from .engine import build_model, load_datasets, predict
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 from .loaders import DeviceLoader
 from .plots import plot_image_grid
 from .receptive_field import (
@@ -39,6 +44,11 @@ FIGURE_NAMES = {
     "per_class_accuracy": "per_class_accuracy.png",
     "erf": "erf.png",
 }
+REPORT_NAME = "analysis.json"  # the numbers behind the figures, written beside them
+REPORT_FORMAT = 1
+# Decimals kept in analysis.json: more than a figure shows (whole percents in titles, 256
+# colours in a colour map), few enough to keep the file small.
+REPORT_DECIMALS = {"accuracy": 6, "confidence": 4, "erf": 4}
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -50,10 +60,12 @@ class Mistakes:
 
     ``images`` (M, 3, H, W) are uint8, or normalised floats when ``normalized``; ``labels`` the
     true classes, ``predicted`` the model's, ``confidence`` its probability for its prediction
-    (in [0, 1]); ``indices`` the images' positions in the data they came from.
+    (in [0, 1]); ``indices`` the images' positions in the data they came from. ``images`` is
+    None for mistakes read back from a report file, which holds no pixels: :meth:`with_images`
+    looks them up again.
     """
 
-    images: Tensor
+    images: Tensor | None
     labels: Tensor
     predicted: Tensor
     confidence: Tensor
@@ -62,6 +74,19 @@ class Mistakes:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def with_images(self, data: ImageSet) -> Mistakes:
+        """These mistakes with their (uint8) images taken by ``indices`` from ``data``, the set
+        they came from. Raises DataError if ``data`` is another set (its labels there differ)."""
+        indices = self.indices.long()
+        if len(indices) and (
+            int(indices.max()) >= len(data) or not torch.equal(data.labels[indices], self.labels)
+        ):
+            raise DataError(
+                f"the {len(data):,} test images are not the ones analysed (other labels at the "
+                "recorded indices): pass --data PATH naming the run's data set"
+            )
+        return replace(self, images=data.images[indices], normalized=False)
 
 
 def find_mistakes(
@@ -135,6 +160,8 @@ def plot_misclassified(
     mistakes: Mistakes, classes: Sequence[str], *, count: int = GALLERY_SIZE, columns: int = 8
 ) -> Figure:
     """The ``count`` most confident mistakes, titled "true → predicted (confidence)"."""
+    if mistakes.images is None:
+        raise ValueError("these mistakes have no images: look them up with with_images(data)")
     shown = min(count, len(mistakes))
     titles = [
         f"{classes[t]} →\n{classes[p]} ({c:.0%})"
@@ -237,6 +264,17 @@ def load_test_set(run: TrainedRun, data: str | None = None) -> ImageSet:
     return load_datasets(config)[1]
 
 
+def recorded_test_set(config: Config, data: str | None = None) -> ImageSet:
+    """The test set of a run's ``config`` (or of the ``data`` source instead), without a
+    download: torchvision's CIFAR-10, the default source, only if ./data already holds it.
+    Raises DataError, with the fix, when the data is not there."""
+    config = config if data is None else config.replace(data=str(data))
+    # The folder torchvision's CIFAR10 unpacks into ./data (load_cifar10's default root).
+    if config.data is None and not (Path("data") / "cifar-10-batches-py").is_dir():
+        raise DataError(f"CIFAR-10 is not downloaded into ./data: {HINT}")
+    return load_datasets(config)[1]
+
+
 @dataclass(frozen=True)
 class Report:
     """Everything :func:`analyze` measured; :meth:`figures` draws it."""
@@ -255,10 +293,13 @@ class Report:
         return float(self.matrix.diagonal().sum() / self.matrix.sum().clamp(min=1))
 
     def figures(self, caption: str = "") -> dict[str, Figure]:
-        """The four figures, keyed like :data:`FIGURE_NAMES`."""
+        """The four figures, keyed like :data:`FIGURE_NAMES`; without "misclassified" while the
+        mistakes have no images (a report read from a file, before :meth:`with_images`)."""
         suffix = f"\n{caption}" if caption else ""
-        return {
-            "misclassified": plot_misclassified(self.mistakes, self.classes),
+        figures = {}
+        if self.mistakes.images is not None:
+            figures["misclassified"] = plot_misclassified(self.mistakes, self.classes)
+        return figures | {
             "confusion_matrix": plot_confusion_matrix(
                 self.matrix,
                 self.classes,
@@ -274,6 +315,123 @@ class Report:
                 title=f"Effective receptive field of the centre unit of {self.erf_layer}{suffix}",
             ),
         }
+
+    def with_images(self, test_set: ImageSet) -> Report:
+        """This report with its misclassified images looked up in ``test_set``, the set it was
+        measured on. Raises DataError if ``test_set`` is another one."""
+        if len(test_set) != int(self.matrix.sum()):
+            raise DataError(
+                f"the test set has {len(test_set):,} images, the analysed one "
+                f"{int(self.matrix.sum()):,}: pass --data PATH naming the run's data set"
+            )
+        return replace(self, mistakes=self.mistakes.with_images(test_set))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers as JSON-ready values, rounded to :data:`REPORT_DECIMALS`. No pixels: the
+        mistakes are test-set indices with their labels, predictions and confidences."""
+        digits = REPORT_DECIMALS
+        return {
+            "classes": list(self.classes),
+            "confusion_matrix": self.matrix.tolist(),
+            # JSON has no NaN: a class without images is null
+            "per_class_accuracy": [
+                None if math.isnan(a) else round(a, digits["accuracy"])
+                for a in self.accuracy.tolist()
+            ],
+            "mistakes": {
+                "indices": self.mistakes.indices.tolist(),
+                "labels": self.mistakes.labels.tolist(),
+                "predicted": self.mistakes.predicted.tolist(),
+                "confidence": [
+                    round(c, digits["confidence"]) for c in self.mistakes.confidence.tolist()
+                ],
+            },
+            "erf": {
+                "layer": self.erf_layer,
+                "field": asdict(self.erf_field),
+                "untrained": [
+                    [round(v, digits["erf"]) for v in row] for row in self.erf_untrained.tolist()
+                ],
+                "trained": [
+                    [round(v, digits["erf"]) for v in row] for row in self.erf_trained.tolist()
+                ],
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Report:
+        """The report :meth:`to_dict` described; its mistakes come back without images."""
+        mistakes, erf = values["mistakes"], values["erf"]
+        accuracy = [math.nan if a is None else a for a in values["per_class_accuracy"]]
+        field = {k: tuple(v) if isinstance(v, list) else v for k, v in erf["field"].items()}
+        return cls(
+            classes=tuple(values["classes"]),
+            matrix=torch.tensor(values["confusion_matrix"], dtype=torch.int64),
+            accuracy=torch.tensor(accuracy, dtype=torch.float64),
+            mistakes=Mistakes(
+                images=None,
+                labels=torch.tensor(mistakes["labels"], dtype=torch.int64),
+                predicted=torch.tensor(mistakes["predicted"], dtype=torch.int64),
+                confidence=torch.tensor(mistakes["confidence"], dtype=torch.float32),
+                indices=torch.tensor(mistakes["indices"], dtype=torch.int64),
+            ),
+            erf_layer=erf["layer"],
+            erf_field=RFRow(**field),
+            erf_untrained=torch.tensor(erf["untrained"], dtype=torch.float32),
+            erf_trained=torch.tensor(erf["trained"], dtype=torch.float32),
+        )
+
+
+def _to_json(value: Any, indent: str = "") -> str:
+    """JSON with one line per key and per matrix row, so that a committed report diffs well."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = [
+            f"{inner}{json.dumps(key)}: {_to_json(item, inner)}" for key, item in value.items()
+        ]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        rows = [inner + _to_json(row, inner) for row in value]
+        return "[\n" + ",\n".join(rows) + f"\n{indent}]"
+    return json.dumps(value)
+
+
+def save_report(report: Report, path: str | Path, caption: str = "") -> Path:
+    """Write ``report``'s numbers and the figures' ``caption`` as JSON (tens of kB for CIFAR-10,
+    no pixels), for :func:`load_report` and the ``figures`` command to redraw the figures."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = {"format": REPORT_FORMAT, "caption": caption, **report.to_dict()}
+    path.write_text(_to_json(values) + "\n")
+    return path
+
+
+def load_report(path: str | Path) -> tuple[Report, str]:
+    """(report, caption) from a file :func:`save_report` wrote; the report's mistakes have no
+    images until :meth:`Report.with_images`. Raises CheckpointError for an unusable file."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} does not exist: python -m eva_utils analyze runs/NAME writes one"
+        ) from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path} ({error.strerror}): is it a file?") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(values, dict) or values.get("format") != REPORT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not an eva8 {REPORT_NAME} (format {REPORT_FORMAT}): write it again with "
+            "python -m eva_utils analyze runs/NAME"
+        )
+    try:
+        return Report.from_dict(values), str(values.get("caption", ""))
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path} is not a complete {REPORT_NAME} ({error.__class__.__name__}: {error}): "
+            "write it again with python -m eva_utils analyze runs/NAME"
+        ) from None
 
 
 def untrained_like(run: TrainedRun) -> nn.Module:

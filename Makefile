@@ -33,9 +33,10 @@ format: $(STAMP)
 	$(PY) -m ruff format eva_utils tests benchmarks
 	$(PY) -m ruff check --fix eva_utils tests benchmarks
 
-## redraw every README image from the committed metrics (no training)
+## redraw every README image from the committed metrics.json and analysis.json (no training,
+## no checkpoint); the gallery of mistakes reads the run's test set (or DATA=path/to/cifar10.tar.gz)
 figures: $(STAMP)
-	$(PY) -m eva_utils plot $(RESULT)/metrics.json --out images/
+	$(PY) -m eva_utils figures $(RESULT) --out images/ $(if $(DATA),--data $(DATA))
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -1,4 +1,4 @@
-"""The ``eva8`` command (also ``python -m eva_utils``): summary, train, plot, rf, analyze.
+"""The ``eva8`` command (also ``python -m eva_utils``): summary, train, plot, rf, analyze, figures.
 
 Training flags are generated from :class:`~eva_utils.config.Config`, so every hyperparameter
 has a flag and its help text is the one in the README table.
@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "receptive fields of a trained run",
     )
     analyze.add_argument("run", type=Path, help="run folder holding best.pt, e.g. runs/NAME")
-    analyze.add_argument("--out", type=Path, help="folder for the PNG files (default: the run)")
+    analyze.add_argument(
+        "--out", type=Path,
+        help="folder for the PNG files and analysis.json, their numbers (default: the run)",
+    )  # fmt: skip
     analyze.add_argument(
         "--data", metavar="PATH", default=None,
         help="evaluate on this data source instead of the run's (same test subset size)",
@@ -122,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="test images averaged for each effective receptive field",
     )  # fmt: skip
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    figures = commands.add_parser(
+        "figures",
+        help="redraw every figure of a result folder (metrics.json, and analysis.json if there) "
+        "without training or a checkpoint",
+    )
+    figures.add_argument(
+        "results", type=Path, help="folder with metrics.json and analysis.json, e.g. results/NAME"
+    )
+    figures.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
+    figures.add_argument(
+        "--data", metavar="PATH", default=None,
+        help="read the misclassified images from this data source instead of the run's",
+    )  # fmt: skip
     return parser
 
 
@@ -189,7 +206,15 @@ def cmd_rf(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from .analysis import FIGURE_NAMES, analyze, load_run, load_test_set
+    from .analysis import (
+        FIGURE_NAMES,
+        REPORT_NAME,
+        analyze,
+        load_report,
+        load_run,
+        load_test_set,
+        save_report,
+    )
     from .engine import select_device
     from .plots import save_figure
 
@@ -201,20 +226,47 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     )  # fmt: skip
     caption = f"{args.run.name}, best epoch {run.epoch}, {len(test_set):,} test images"
     out = args.out if args.out is not None else args.run
+    saved = save_report(report, out / REPORT_NAME, caption)
+    # Draw from the saved numbers, as `figures` does, so that it redraws these PNGs byte for byte.
+    drawn, caption = load_report(saved)
     paths = [save_figure(fig, out / FIGURE_NAMES[name])
-             for name, fig in report.figures(caption).items()]  # fmt: skip
+             for name, fig in drawn.with_images(test_set).figures(caption).items()]  # fmt: skip
     worst = int(report.accuracy.nan_to_num(2.0).argmin())
     print(
         f"test accuracy {report.overall_accuracy:.2%} on {len(test_set):,} images "
         f"(epoch {run.epoch}), {len(report.mistakes):,} misclassified; weakest class "
         f"{report.classes[worst]} ({report.accuracy[worst]:.2%})"
     )
+    print("wrote " + ", ".join(str(p) for p in [*paths, saved]))
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+    from .analysis import FIGURE_NAMES, REPORT_NAME, load_report, recorded_test_set
+    from .errors import DataError
+    from .plots import save_figure, save_history_figures
+
+    metrics = checkpoint.read_metrics(args.results / checkpoint.METRICS)
+    paths = save_history_figures(metrics["history"], args.out, checkpoint.describe_run(metrics))
+    report_path = args.results / REPORT_NAME
+    if report_path.is_file():
+        report, caption = load_report(report_path)
+        try:
+            config = Config.from_dict(metrics.get("config", {}))
+            report = report.with_images(recorded_test_set(config, args.data))
+        except (ConfigError, DataError) as error:  # the other figures need no data set
+            gallery = args.out / FIGURE_NAMES["misclassified"]
+            kept = "kept the existing file" if gallery.exists() else "not drawn"
+            print(f"{PROG}: skipped {gallery} ({kept}): {error}", file=sys.stderr)
+        paths += [save_figure(fig, args.out / FIGURE_NAMES[name])
+                  for name, fig in report.figures(caption).items()]  # fmt: skip
+    else:
+        print(f"no {report_path}: python -m eva_utils analyze runs/NAME writes one")
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
 COMMANDS = {
     "summary": cmd_summary, "train": cmd_train, "plot": cmd_plot, "rf": cmd_rf,
-    "analyze": cmd_analyze,
+    "analyze": cmd_analyze, "figures": cmd_figures,
 }  # fmt: skip
 
 

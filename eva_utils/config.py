@@ -60,7 +60,9 @@ class Config:
     device: str = _knob("auto", "auto (cuda, then mps, then cpu), or a torch device")
     loader: str = _knob("device", "device (batches built on the device) or torchvision (PIL)")
     channels_last: bool = _knob(True, "channels_last memory format")
-    amp: bool = _knob(True, "mixed precision on CUDA (bf16 where supported, else fp16)")
+    amp: bool = _knob(
+        True, "mixed precision: bf16 on CUDA (fp16 on older GPUs) and on CPUs with bf16 support"
+    )
     compile: bool = _knob(False, "torch.compile the model")
     num_workers: int = _knob(2, "DataLoader workers (torchvision loader only)")
     max_batches: int | None = _knob(None, "dry run: stop each epoch after this many batches")

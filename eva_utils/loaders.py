@@ -44,10 +44,19 @@ def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
 def random_rotate(images: Tensor, degrees: float, generator: torch.Generator) -> Tensor:
     """Rotate each float (B, C, H, W) image about its centre by an angle uniform in
     [-degrees, degrees], nearest-neighbour, filling with 0 (torchvision's RandomRotation)."""
-    b = len(images)
-    angles = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(degrees)
-    cos, sin, zero = angles.cos(), angles.sin(), torch.zeros(b)
-    theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(b, 2, 3)
+    angles = (torch.rand(len(images), generator=generator) * 2 - 1) * degrees
+    return rotate(images, angles)
+
+
+def rotate(images: Tensor, angles: Tensor) -> Tensor:
+    """Rotate each float (B, C, H, W) image counter-clockwise about its centre by ``angles`` (B,)
+    degrees, nearest-neighbour, filling with 0, as torchvision's ``rotate`` does."""
+    b, _, h, w = images.shape
+    radians = torch.deg2rad(angles.float().cpu())
+    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros(b)
+    # affine_grid's coordinates run from -1 to 1 along each axis: the aspect ratio terms keep
+    # the rotation rigid in pixels when H != W.
+    theta = torch.stack([cos, -sin * h / w, zero, sin * w / h, cos, zero], 1).view(b, 2, 3)
     theta = theta.to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
@@ -83,10 +92,8 @@ class DeviceLoader:
         self.rotate_degrees = rotate_degrees
         self.generator = generator or torch.Generator()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        std_t = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -torch.tensor(mean, device=self.device).view(1, -1, 1, 1) / std_t
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
@@ -110,7 +117,9 @@ class DeviceLoader:
         images = images.float()
         if "rotate" in self.augment:
             images = random_rotate(images, self.rotate_degrees, self.generator)
-        images = torch.addcmul(self.shift, images, self.scale)
+        # ToTensor's and Normalize's arithmetic, in their order: the same floats to the last bit
+        # (a fused multiply-add is no faster next to the network and differs in the last bit).
+        images = images.div(255).sub_(self.mean).div_(self.std)
         return images.contiguous(memory_format=self.memory_format)
 
 

@@ -1,0 +1,159 @@
+"""The fast path switched off is the plain path: same numbers as a hand-written fp32 loop."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eva_utils.config import Config
+from eva_utils.data import synthetic_cifar10
+from eva_utils.engine import Run, autocast_dtype, train
+from eva_utils.engine import test as evaluate
+from eva_utils.loaders import DeviceLoader, torchvision_loader
+from eva_utils.model import resnet18
+
+PLAIN = dict(amp=False, channels_last=False, loader="torchvision", compile=False, num_workers=0)
+TINY = dict(data="synthetic", train_size=16, test_size=10, batch_size=8, device="cpu")
+
+
+def flat_weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    """Bit for bit, parameters and buffers (BatchNorm running statistics) alike."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(
+            x, y, rtol=0, atol=0, msg=lambda text, name=name: f"{name}: {text}"
+        )
+
+
+def test_amp_off_means_fp32_everywhere():
+    for device in ("cpu", "cuda", "mps"):
+        assert autocast_dtype(torch.device(device), amp=False) is None
+    run = Run(Config(**PLAIN, **TINY), progress=False)
+    assert run.amp_dtype is None
+    assert not run.scaler.is_enabled()
+    assert run.forward is run.model  # not compiled
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, None)])
+def test_cpu_bf16_needs_bf16_instructions_not_just_avx512(monkeypatch, native, expected):
+    # oneDNN calls any AVX-512 CPU bf16-capable, but without AVX512-BF16 it emulates bf16,
+    # more slowly than fp32: autocast must stay off there.
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert autocast_dtype(torch.device("cpu")) == expected
+
+
+def test_library_train_on_the_plain_path_equals_a_hand_written_loop():
+    """A whole epoch through Config -> Run -> train() against the loop every course writes, on the
+    same batches (the session8 model: GBN, dropout; crop, flip and rotate in the DataLoader)."""
+    config = Config(**PLAIN, **TINY)
+    library = Run(config, progress=False)
+    result = library.train_epoch(1)
+
+    reference = Run(config, progress=False)  # seeds everything again: the same weights and draws
+    model, optimizer = reference.model, reference.optimizer
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in reference.train_loader:
+        outputs = model(images)
+        loss = F.cross_entropy(outputs, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (outputs.argmax(1) == labels).sum().item()
+        seen += len(labels)
+
+    assert result["images"] == seen == 16
+    torch.testing.assert_close(result["loss"], loss_sum / seen)
+    assert result["acc"] == correct / seen
+    assert_same_weights(library.model, reference.model)
+
+
+def test_channels_last_gives_the_same_fp32_epoch():
+    # No dropout: its mask is drawn in memory order, so channels_last draws other (equally
+    # random) masks and the two runs would differ by more than rounding.
+    config = Config(**{**PLAIN, "loader": "device"}, **TINY, dropout=0.0)
+    nchw = Run(config, progress=False)
+    nhwc = Run(config.replace(channels_last=True), progress=False)
+    assert next(nhwc.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    start = flat_weights(nchw.model)
+    plain, fast = nchw.train_epoch(1), nhwc.train_epoch(1)
+    # Other convolution kernels round differently: the losses agree to float precision...
+    torch.testing.assert_close(fast["loss"], plain["loss"], rtol=1e-5, atol=0)
+    assert fast["acc"] == plain["acc"]
+    # ...and the weights to a small fraction of how far training moved them (an activation
+    # within rounding of a ReLU's kink passes its gradient in one run and not in the other).
+    moved = flat_weights(nchw.model) - start
+    apart = flat_weights(nhwc.model) - flat_weights(nchw.model)
+    assert apart.norm() < 0.05 * moved.norm()
+
+
+def test_device_and_torchvision_loaders_give_the_same_test_metrics():
+    _, test_set = synthetic_cifar10(16, 40)
+    torch.manual_seed(0)
+    model = resnet18()
+    on_device = evaluate(model, DeviceLoader(test_set, 16), progress=False)
+    classic = torchvision_loader(test_set, 16, train=False, num_workers=0)
+    assert evaluate(model, classic, progress=False) == on_device  # the same inputs to the last bit
+
+
+def test_max_batches_fetches_no_batch_it_does_not_train_on():
+    fetched = []
+
+    class CountingLoader:
+        def __len__(self) -> int:
+            return 10
+
+        def __iter__(self):
+            for index in range(10):
+                fetched.append(index)
+                yield torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = train(model, CountingLoader(), optimizer, max_batches=3, progress=False)
+    assert result["images"] == 12
+    assert fetched == [0, 1, 2]
+
+
+@pytest.mark.skipif(
+    autocast_dtype(torch.device("cpu")) is None, reason="this CPU has no native bf16"
+)
+def test_amp_switch_changes_only_the_precision():
+    """With bf16 the epoch differs slightly from fp32 (it really is mixed precision), but not by
+    much (it is the same computation)."""
+    config = Config(**{**PLAIN, "loader": "device"}, **TINY)
+    fp32 = Run(config, progress=False)
+    bf16 = Run(config.replace(amp=True), progress=False)
+    assert bf16.amp_dtype == torch.bfloat16
+    plain, mixed = fp32.train_epoch(1), bf16.train_epoch(1)
+    assert mixed["loss"] != plain["loss"]
+    torch.testing.assert_close(mixed["loss"], plain["loss"], rtol=0.05, atol=0)
+
+
+def test_fast_preset_trains_end_to_end_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "eva_utils", "train", "--preset", "fast", "--data", "synthetic",
+        "--train-size", "128", "--test-size", "64", "--epochs", "2", "--batch-size", "64",
+        "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert all(0.0 <= row["test_acc"] <= 1.0 for row in history)

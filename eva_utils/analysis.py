@@ -474,3 +474,38 @@ def analyze(
         erf_untrained=erf["untrained"],
         erf_trained=erf["trained"],
     )
+
+
+# --- recorded results --------------------------------------------------------------------------
+
+
+def results_table(runs: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of recorded runs (name -> metrics.json contents): the README's results,
+    generated so that its numbers are the files' numbers."""
+    from .engine import summarize_history
+
+    rows = [
+        "| run | data (train/test images) | epochs | best test acc (epoch) | final test acc "
+        "| 85% first reached | s/epoch | hardware |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, metrics in runs.items():
+        config, env = metrics["config"], metrics["environment"]
+        s = summarize_history(metrics["history"])
+        sizes = "/".join(
+            f"{config[k]:,}" if config.get(k) else "all" for k in ("train_size", "test_size")
+        )
+        source = Path(config["data"]).name if config.get("data") else "CIFAR-10 (torchvision)"
+        reached = f"epoch {s['target_epoch']}" if s["target_epoch"] else "not reached"
+        rows.append(
+            f"| `{name}` | {source} ({sizes}) | {s['epochs']} | {s['best_acc']:.2%} "
+            f"(epoch {s['best_epoch']}) | {s['final_acc']:.2%} | {reached} "
+            f"| {s['seconds_per_epoch']:.0f} | {env['device_name']}, torch {env['torch']} |"
+        )
+    return "\n".join(rows)
+
+
+def recorded_results(folder: str | Path = "results") -> dict[str, dict[str, Any]]:
+    """Every ``folder/<run>/metrics.json``, by run name, in name order."""
+    paths = sorted(Path(folder).glob("*/metrics.json"))
+    return {path.parent.name: checkpoint.read_metrics(path) for path in paths}

@@ -4,6 +4,7 @@ nothing here trains, and nothing touches pyplot's global state, so a saved figur
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ def plot_loss(history: History, title: str = "Validation loss") -> Figure:
     epochs = _epochs(history)
     ax.plot(epochs, [r["test_loss"] for r in history], "o-", label="validation (test) loss")
     ax.plot(epochs, [r["train_loss"] for r in history], "--", color="grey", label="training loss")
-    ax.set(title=title, xlabel="epoch", ylabel="cross-entropy loss (mean per image)")
+    ax.set(xlabel="epoch", ylabel="cross-entropy loss (mean per image)")
+    ax.set_title(title, fontsize=10 if "\n" in title else None)
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
@@ -53,9 +55,11 @@ def plot_accuracy(
     best = max(range(len(history)), key=lambda i: test_acc[i])
     ax.annotate(
         f"best {test_acc[best]:.2f}% (epoch {epochs[best]})",
-        (epochs[best], test_acc[best]), textcoords="offset points", xytext=(0, -18), ha="center",
+        (epochs[best], test_acc[best]), textcoords="offset points", xytext=(0, -18),
+        ha="right" if best == len(history) - 1 else "center",
     )  # fmt: skip
-    ax.set(title=title, xlabel="epoch", ylabel="accuracy (%)")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)")
+    ax.set_title(title, fontsize=10 if "\n" in title else None)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     return fig
@@ -70,7 +74,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 def save_history_figures(history: History, out_dir: str | Path, caption: str = "") -> list[Path]:
     """Write validation_loss.png and validation_accuracy.png into ``out_dir``."""
-    suffix = f"\n{caption}" if caption else ""
+    suffix = "\n" + textwrap.fill(caption, 70) if caption else ""
     return [
         save_figure(
             plot_loss(history, "Validation loss" + suffix), Path(out_dir) / FIGURE_NAMES["loss"]

@@ -1,7 +1,11 @@
-"""Shared fixtures: tiny image folders written per test, and the real CIFAR-10 copy if present."""
+"""Shared fixtures: tiny image folders written per test, the real CIFAR-10 copy if present, and
+helpers for the run and resume tests (the CLI in a subprocess, one thread, a fake checkpoint)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -10,7 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from eva_utils import checkpoint
+from eva_utils.config import Config
 from eva_utils.data import ImageSet, load_cifar10
+from eva_utils.engine import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -69,3 +76,45 @@ def random_batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(
         0, 10, (n,), generator=generator
     )
+
+
+# --- the CLI in a subprocess, one thread, a fake checkpoint ---------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: this one's (read when called, so it includes what a
+    test or fixture has set, such as EVA8_CACHE), one OpenMP thread, and this checkout importable.
+    """
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m eva_utils *args`` in ``cwd`` to the end; its output is captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "eva_utils", *args], cwd=cwd, env=cli_env(), capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread in this process, as the CLI subprocesses use: fast on a shared machine.
+    Not autouse: a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fake_checkpoint(config: Config, out: Path, epochs: int = 1) -> Path:
+    """A run folder ``out`` whose last.pt holds ``epochs`` epochs of ``config`` (untrained
+    weights and made-up numbers: no training needed), saved after each; returns last.pt."""
+    run = Run(config, progress=False)
+    for epoch in range(1, epochs + 1):
+        run.history.append(
+            dict(epoch=epoch, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1,
+                 lr=config.lr, seconds=1.0)
+        )  # fmt: skip
+        checkpoint.save(run, out)
+    return out / checkpoint.LAST

@@ -9,9 +9,6 @@ An exception escaping ``main`` would be a traceback for the user, and fails the 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,25 +16,16 @@ import torch
 
 from eva_utils import checkpoint, get_preset
 from eva_utils.cli import main
-from eva_utils.engine import Run
 from eva_utils.errors import DataError
 
-from .conftest import write_archive, write_image_folder
+from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = [
     "--train-size", "16", "--test-size", "10", "--batch-size", "8", "--max-batches", "1",
     "--epochs", "1", "--device", "cpu", "--quiet",
 ]  # fmt: skip
 SYNTHETIC = ["--data", "synthetic", *TINY]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def eva8(capsys, *args: str | Path) -> tuple[int, str]:
@@ -56,19 +44,11 @@ def assert_one_line_error(code: int, stderr: str, *fragments: str) -> str:
     return lines[0]
 
 
-def run_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "eva_utils", *args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-
-
 # --- the real process -------------------------------------------------------------------------
 
 
 def test_missing_data_path_is_one_line_in_the_real_process(tmp_path):
-    result = run_process("train", "--data", "nowhere", *TINY, "--out", "run", cwd=tmp_path)
+    result = run_cli("train", "--data", "nowhere", *TINY, "--out", "run", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == (
@@ -79,9 +59,7 @@ def test_missing_data_path_is_one_line_in_the_real_process(tmp_path):
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
-    result = run_process(
-        "--debug", "train", "--data", "nowhere", *TINY, "--out", "run", cwd=tmp_path
-    )
+    result = run_cli("--debug", "train", "--data", "nowhere", *TINY, "--out", "run", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
     assert "eva_utils.errors.DataError: data path nowhere does not exist" in result.stderr
@@ -227,13 +205,7 @@ def fake_run(out: Path, preset: str = "session8", **changes) -> Path:
         data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=1,
         device="cpu", epochs=1, **changes,
     )  # fmt: skip
-    run = Run(config, progress=False)
-    run.history.append(
-        dict(epoch=1, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1, lr=config.lr,
-             seconds=1.0)
-    )  # fmt: skip
-    checkpoint.save(run, out)
-    return out / checkpoint.LAST
+    return fake_checkpoint(config, out)
 
 
 def test_train_into_a_folder_that_holds_a_run_refuses_and_says_resume(tmp_path, capsys):

@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from eva_utils import checkpoint, get_preset
-from eva_utils.engine import Run, fit
+from eva_utils.engine import fit
 from eva_utils.errors import Interrupted
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import cli_env, fake_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 EPOCHS = 2
 # 8 training steps of 4 images per epoch: long enough to land a signal inside an epoch.
 CLI_TINY = [
@@ -27,21 +28,11 @@ CLI_TINY = [
     "--device", "cpu", "--quiet", "--epochs", str(EPOCHS),
 ]  # fmt: skip
 TIMEOUT = 240  # seconds for any one process: generous, for a loaded machine
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread in this process too: fast on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "eva_utils", *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+        [sys.executable, "-m", "eva_utils", *args], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -144,17 +135,6 @@ TINY = get_preset("session8").replace(
 )  # fmt: skip
 
 
-def fake_run(out: Path) -> Path:
-    """A run folder with a checkpoint after epoch 1 (untrained weights: no training needed)."""
-    run = Run(TINY, progress=False)
-    run.history.append(
-        dict(epoch=1, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1, lr=TINY.lr,
-             seconds=1.0)
-    )  # fmt: skip
-    checkpoint.save(run, out)
-    return out / checkpoint.LAST
-
-
 KILL_MID_WRITE = """
 import os, signal, sys
 from pathlib import Path
@@ -170,10 +150,10 @@ checkpoint._atomic_write(Path(sys.argv[1]), write)
 
 
 def test_a_writer_killed_mid_write_leaves_a_temporary_that_resume_removes(tmp_path):
-    last = fake_run(tmp_path / "run")
+    last = fake_checkpoint(TINY, tmp_path / "run")
     before = last.read_bytes()
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_MID_WRITE, str(last)], env=ENV, timeout=TIMEOUT
+        [sys.executable, "-c", KILL_MID_WRITE, str(last)], env=cli_env(), timeout=TIMEOUT
     )
     assert killed.returncode == -signal.SIGKILL
     (stale,) = leftovers(tmp_path / "run")

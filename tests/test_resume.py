@@ -5,7 +5,6 @@ loader. Also what a resume may and may not change."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,12 @@ import torch
 
 from eva_utils import checkpoint, get_preset
 from eva_utils.data import ImageSet, synthetic_cifar10
-from eva_utils.engine import Run, fit
+from eva_utils.engine import fit
 from eva_utils.errors import CheckpointError, Interrupted
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import cli_env, fake_checkpoint, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 EPOCHS, STOP_AFTER = 3, 1
 TINY = dict(
     data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=2, device="cpu",
@@ -36,15 +37,6 @@ CLI_TINY = [
     "--data", "synthetic", "--train-size", "16", "--test-size", "10", "--batch-size", "8",
     "--max-batches", "2", "--device", "cpu", "--quiet",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread: fast on a shared machine, and what the CLI subprocesses use."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def without_seconds(history: list[dict]) -> list[dict]:
@@ -116,18 +108,6 @@ def test_a_new_lr_on_resume_rescales_the_rest_of_the_schedule(name, uninterrupte
     assert saved["config"]["lr"] == config.lr / 4
 
 
-def save_fake_run(config, out: Path, epochs: int = 1) -> Path:
-    """A run folder holding a checkpoint after ``epochs`` (untrained weights: no training)."""
-    run = Run(config, progress=False)
-    for epoch in range(1, epochs + 1):
-        run.history.append(
-            dict(epoch=epoch, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1,
-                 lr=config.lr, seconds=1.0)
-        )  # fmt: skip
-        checkpoint.save(run, out)
-    return out / checkpoint.LAST
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -139,7 +119,7 @@ def save_fake_run(config, out: Path, epochs: int = 1) -> Path:
 )
 def test_resume_refuses_settings_the_checkpoint_fixes(change, message, tmp_path):
     """They would be silently ignored (restored from the optimizer) or could not load."""
-    last = save_fake_run(CASES["session8"], tmp_path / "run")
+    last = fake_checkpoint(CASES["session8"], tmp_path / "run")
     before = last.read_bytes()
     with pytest.raises(CheckpointError, match=message):
         fit(CASES["session8"].replace(**change), out=tmp_path / "run", resume=True, progress=False)
@@ -147,41 +127,32 @@ def test_resume_refuses_settings_the_checkpoint_fixes(change, message, tmp_path)
 
 
 def test_resume_refuses_to_lengthen_a_onecycle_run(tmp_path):
-    last = save_fake_run(CASES["fast-onecycle"], tmp_path / "run")
+    last = fake_checkpoint(CASES["fast-onecycle"], tmp_path / "run")
     with pytest.raises(CheckpointError, match="onecycle schedule of 6 steps .* need 8"):
         fit(CASES["fast-onecycle"].replace(epochs=4), out=tmp_path / "run", resume=True)
     assert len(checkpoint.load_checkpoint(last)["history"]) == 1
 
 
 def test_resume_refuses_data_with_other_classes(tmp_path):
-    save_fake_run(CASES["session8"], tmp_path / "run")
+    fake_checkpoint(CASES["session8"], tmp_path / "run")
     train, test = synthetic_cifar10(16, 10)
     three = tuple(ImageSet(s.images, s.labels % 3, ("cat", "dog", "ship")) for s in (train, test))
     with pytest.raises(CheckpointError, match=r"trained on the classes \['airplane'"):
         fit(CASES["session8"], out=tmp_path / "run", resume=True, datasets=three, progress=False)
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "eva_utils", *args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-
-
 def test_cli_resume_with_more_epochs_repeats_the_uninterrupted_run(tmp_path):
     """session8 (StepLR) through the CLI: 2 epochs, then --resume --epochs 3, equals 3 epochs.
     (The onecycle recipe cannot be lengthened: the CLI kill tests resume it after a signal.)"""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "eva_utils", "train", *CLI_TINY]
     # The reference runs beside the interrupted one: two processes, one thread each.
     reference = subprocess.Popen(
-        [*command, "--epochs", "3", "--out", "full"], cwd=tmp_path, env=env,
+        [*command, "--epochs", "3", "--out", "full"], cwd=tmp_path, env=cli_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    first = cli("train", *CLI_TINY, "--epochs", "2", "--out", "cut", cwd=tmp_path)
+    first = run_cli("train", *CLI_TINY, "--epochs", "2", "--out", "cut", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    resumed = cli("train", "--resume", "cut", "--epochs", "3", "--quiet", cwd=tmp_path)
+    resumed = run_cli("train", "--resume", "cut", "--epochs", "3", "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     _, stderr = reference.communicate(timeout=300)
     assert reference.returncode == 0, stderr

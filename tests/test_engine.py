@@ -115,6 +115,7 @@ def test_step_schedule_multiplies_the_rate_by_gamma_every_step_size_epochs():
     rates = []
     for _ in range(5):
         rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([0.016, 0.016, 0.016 * 0.92, 0.016 * 0.92, 0.016 * 0.92**2])
 

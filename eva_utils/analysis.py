@@ -492,10 +492,7 @@ def results_table(runs: dict[str, dict[str, Any]]) -> str:
     for name, metrics in runs.items():
         config, env = metrics["config"], metrics["environment"]
         s = summarize_history(metrics["history"])
-        sizes = "/".join(
-            f"{config[k]:,}" if config.get(k) else "all" for k in ("train_size", "test_size")
-        )
-        source = Path(config["data"]).name if config.get("data") else "CIFAR-10 (torchvision)"
+        source, sizes = checkpoint.describe_data(config)
         reached = f"epoch {s['target_epoch']}" if s["target_epoch"] else "not reached"
         rows.append(
             f"| `{name}` | {source} ({sizes}) | {s['epochs']} | {s['best_acc']:.2%} "

@@ -364,13 +364,19 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     return metrics
 
 
-def describe_run(metrics: dict[str, Any]) -> str:
-    """One line naming a run: preset-like recipe, data, epochs and hardware."""
-    config, env = metrics.get("config", {}), metrics.get("environment", {})
+def describe_data(config: dict[str, Any]) -> tuple[str, str]:
+    """(data source name, "train/test" image counts) of a run's config, for captions and tables."""
     sizes = "/".join(
         f"{config.get(k):,}" if config.get(k) else "all" for k in ("train_size", "test_size")
     )
-    source = Path(config["data"]).name if config.get("data") else "CIFAR-10"
+    source = Path(config["data"]).name if config.get("data") else "CIFAR-10 (torchvision)"
+    return source, sizes
+
+
+def describe_run(metrics: dict[str, Any]) -> str:
+    """One line naming a run: preset-like recipe, data, epochs and hardware."""
+    config, env = metrics.get("config", {}), metrics.get("environment", {})
+    source, sizes = describe_data(config)
     return (
         f"{config.get('arch', '?')} {config.get('norm', '?')}, {len(metrics['history'])} epochs, "
         f"{sizes} train/test images of {source}, {env.get('device_name', '?')}"

@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import Config
 from .data import HINT, ImageSet
-from .engine import build_model, load_datasets, predict
+from .engine import batch_bar, build_model, load_datasets, predict
 from .errors import CheckpointError, DataError
 from .loaders import DeviceLoader
 from .plots import plot_image_grid
@@ -112,9 +111,7 @@ def predictions(
     """(probabilities (N, classes), labels (N,)) on the CPU, for an ImageSet (normalised as in
     training, not augmented) or a loader of (images, labels) batches. Eval mode."""
     loader = DeviceLoader(data, batch_size, device=device) if isinstance(data, ImageSet) else data
-    total = len(loader) if hasattr(loader, "__len__") else None
-    batches = tqdm(loader, total=total, desc="predict", disable=not progress, leave=False)
-    return predict(model, batches, device=device)
+    return predict(model, batch_bar(loader, desc="predict", progress=progress), device=device)
 
 
 def misclassified(

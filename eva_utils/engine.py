@@ -102,15 +102,19 @@ def _to_device(batch: tuple[Tensor, Tensor], device: torch.device, channels_last
     return images, labels.to(device, non_blocking=True)
 
 
-def _limit(loader: Iterable, max_batches: int | None) -> Iterator:
-    """One iterator over the first ``max_batches`` batches (all when None).
+def batch_bar(
+    loader: Iterable, *, max_batches: int | None = None, desc: str = "", progress: bool = True
+) -> Iterator:
+    """The first ``max_batches`` batches of ``loader`` (all when None) behind a progress bar.
 
-    It must be a single iterator, never the loader itself: ``tqdm.auto`` calls ``iter()`` on
-    what it wraps when it is built and again when it is looped over, and each ``iter()`` of a
-    DataLoader draws from its generator (a different shuffle than the plain loop's) and starts
-    its workers. islice also stops before fetching batch ``max_batches + 1``.
+    tqdm wraps one iterator, never the loader itself: ``tqdm.auto`` calls ``iter()`` on what it
+    wraps when it is built and again when it is looped over, and each ``iter()`` of a DataLoader
+    draws from its generator (a different shuffle than the plain loop's) and starts its workers.
+    islice also stops before fetching batch ``max_batches + 1``.
     """
-    return itertools.islice(loader, max_batches)
+    total = min(len(loader), max_batches or math.inf) if hasattr(loader, "__len__") else None
+    batches = itertools.islice(loader, max_batches)
+    return tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
 
 
 def train(
@@ -139,10 +143,7 @@ def train(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)
     seen = 0
-    total = min(len(loader), max_batches or math.inf) if hasattr(loader, "__len__") else None
-    bar = tqdm(
-        _limit(loader, max_batches), total=total, desc=desc, disable=not progress, leave=False
-    )
+    bar = batch_bar(loader, max_batches=max_batches, desc=desc, progress=progress)
     for step, batch in enumerate(bar):
         images, labels = _to_device(batch, device, channels_last)
         with _autocast(device, amp_dtype):
@@ -208,10 +209,7 @@ def test(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
-    total = min(len(loader), max_batches or math.inf) if hasattr(loader, "__len__") else None
-    for batch in tqdm(
-        _limit(loader, max_batches), total=total, desc=desc, disable=not progress, leave=False
-    ):
+    for batch in batch_bar(loader, max_batches=max_batches, desc=desc, progress=progress):
         images, labels = _to_device(batch, device, channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images).float()

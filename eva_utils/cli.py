@@ -13,15 +13,11 @@ import typing
 from pathlib import Path
 
 from . import checkpoint
-from .config import PRESETS, Config, get_preset
+from .config import PRESETS, Config, get_preset, parse_field
 from .errors import ConfigError, EvaError, Interrupted
 
 PROG = "eva8"
 DEFAULT_PRESET = "session8"
-
-
-def _parse_optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -31,12 +27,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parse_data(text: str) -> str | None:
-    return None if text.lower() == "none" else text
+def _field_type(name: str):
+    def parse(text: str):
+        return parse_field(name, text)
 
-
-def _parse_augment(text: str) -> tuple[str, ...]:
-    return tuple(part for part in text.split(",") if part and part != "none")
+    parse.__name__ = name  # argparse says "invalid <name> value: ..."
+    return parse
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -49,14 +45,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         options: dict = {"default": None, "help": field.metadata["help"], "dest": field.name}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
-        elif field.name == "augment":
-            options.update(type=_parse_augment, metavar="LIST")
-        elif field.name == "data":
-            options.update(type=_parse_data, metavar="PATH")
-        elif kind == int | None:
-            options.update(type=_parse_optional_int, metavar="N")
         else:
-            options.update(type=kind, metavar=field.name.upper().replace("_", "-"))
+            metavar = {"augment": "LIST", "data": "PATH"}.get(field.name)
+            if metavar is None:
+                metavar = "N" if kind == int | None else field.name.upper().replace("_", "-")
+            options.update(type=_field_type(field.name), metavar=metavar)
         group.add_argument(flag, **options)
 
 

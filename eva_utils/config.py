@@ -7,6 +7,7 @@ generated from :class:`Config`, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +131,23 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         return cls().replace(**values)
+
+
+def parse_field(name: str, text: str) -> Any:
+    """A Config field's value from text, as CLI flags and ``EVA_<FIELD>`` variables give it:
+    "none" for an optional field, a comma list for ``augment``, true/false for a switch."""
+    kind = typing.get_type_hints(Config)[name]
+    if kind in (int | None, str | None) and text.lower() == "none":
+        return None
+    if kind is bool:
+        return text.lower() in ("1", "true", "yes")
+    if kind == tuple[str, ...]:
+        return tuple(part for part in text.split(",") if part and part != "none")
+    if kind in (int, int | None):
+        return int(text)
+    if kind is float:
+        return float(text)
+    return text
 
 
 PRESETS: dict[str, Config] = {

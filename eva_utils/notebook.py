@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import LAST, environment
-from .config import Config, get_preset
+from .config import Config, get_preset, parse_field
 from .data import ImageSet
 from .engine import select_device
 from .loaders import DeviceLoader
@@ -50,28 +50,14 @@ def device_report(name: str = "auto") -> str:
     return report
 
 
-def _from_env(name: str, kind: typing.Any, text: str) -> typing.Any:
-    if text.lower() == "none":
-        return None
-    if kind is bool:
-        return text.lower() in ("1", "true", "yes")
-    if kind == tuple[str, ...]:
-        return tuple(text.split(","))
-    for candidate in (int, float):
-        if kind in (candidate, candidate | None):
-            return candidate(text)
-    return text
-
-
 def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
     """The preset with the parameter cell's ``values``, then any environment overrides."""
     config = get_preset(preset).replace(**values)
-    hints = typing.get_type_hints(Config)
     overrides = {}
     for field in dataclasses.fields(Config):
         text = os.environ.get(f"EVA_{field.name.upper()}")
         if text is not None:
-            overrides[field.name] = _from_env(field.name, hints[field.name], text)
+            overrides[field.name] = parse_field(field.name, text)
     if smoke_mode():
         overrides.update(SMOKE)
         print(f"{SMOKE_ENV}=1: a smoke run on synthetic data, not a real result")

@@ -7,6 +7,7 @@ int64 on the CPU, plus the class names. Loaders (``loaders.py``) turn an ImageSe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -19,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import DataError
+from .errors import DataError, DataFileError
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -28,9 +29,16 @@ CIFAR10_CLASSES = (
 # (0.2023, 0.1994, 0.2010) is the mean of per-image stds, not the data set's std.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# (height, width) the pytorch-cifar ResNet18 is built for: its final 4x4 average pool must see
+# 4x4 maps, and larger images make the linear layer's input too wide.
+IMAGE_SIZE = (32, 32)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm"}
 SYNTHETIC = "synthetic"
 HINT = "pass --data PATH (an ImageFolder with train/ and test/, or a .tar.gz of one)"
+# Files an extracted archive keeps beside its images: the image count it must hold, and the
+# decoded tensors.
+MANIFEST = ".manifest.json"
+DECODED = ".decoded.pt"
 
 
 @dataclass(frozen=True)
@@ -72,18 +80,44 @@ def load_cifar10(
     if not path.exists():
         raise DataError(f"data path {path} does not exist: {HINT}")
     if path.is_file():
-        return _decoded_archive(extract_archive(path, cache_dir))
-    return _image_folder_pair(_find_split_root(path))
+        sets = _decoded_archive(path, cache_dir)
+    else:
+        sets = _image_folder_pair(_find_split_root(path))
+    _check_image_size(sets, path)
+    return sets
 
 
-def _decoded_archive(folder: Path) -> tuple[ImageSet, ImageSet]:
-    """Decode an extracted archive once and keep the tensors beside it (60,000 JPEGs take
+def _check_image_size(sets: tuple[ImageSet, ImageSet], source: Path) -> None:
+    """Refuse images the model cannot take, here rather than as a shape error deep inside it."""
+    for split, dataset in zip(("train", "test"), sets):
+        height, width = dataset.images.shape[2:]
+        if (height, width) != IMAGE_SIZE:
+            size = f"{IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}"
+            raise DataError(
+                f"{split} images in {source} are {width}x{height} pixels, but ResNet18 is built "
+                f"for CIFAR-10's {size}: resize them to {size}"
+            )
+
+
+def _decoded_archive(
+    archive: Path, cache_dir: str | os.PathLike | None
+) -> tuple[ImageSet, ImageSet]:
+    """Extract and decode an archive once and keep the tensors beside it (60,000 JPEGs take
     about 10 s to decode, the saved tensors well under one)."""
-    decoded = folder / ".decoded.pt"
+    folder = extract_archive(archive, cache_dir)
+    decoded = folder / DECODED
     if decoded.is_file():
         state = torch.load(decoded, weights_only=True)
         return tuple(ImageSet(s["images"], s["labels"], tuple(s["classes"])) for s in state)
-    sets = _image_folder_pair(_find_split_root(folder))
+    _remove_dead_scratch(folder)
+    try:
+        sets = _image_folder_pair(_find_split_root(folder))
+    except DataFileError as error:
+        # The extracted copy is ours, not the user's: they repair the archive, not the cache.
+        member = Path(error.path).relative_to(folder).as_posix()
+        raise DataError(
+            f"{member} in {archive} {error.problem}: fix or re-download the archive"
+        ) from error
     scratch = decoded.with_suffix(f".{os.getpid()}.tmp")
     torch.save(
         [{"images": s.images, "labels": s.labels, "classes": list(s.classes)} for s in sets],
@@ -118,23 +152,45 @@ def default_cache_dir() -> Path:
 
 
 def extract_archive(archive: Path, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Extract a .tar(.gz) once into the cache; later calls return the same folder at once."""
+    """Extract a .tar(.gz) once into the cache; later calls return the same folder at once,
+    unless it no longer holds what the archive does (then it is extracted again)."""
     stat = archive.stat()
     key = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     name = archive.name.split(".")[0]
     target = Path(cache_dir or default_cache_dir()) / f"{name}-{key.hexdigest()[:12]}"
     if target.is_dir():
-        return target
+        if _cache_is_complete(target):
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # another process may be removing it too
     if not tarfile.is_tarfile(archive):
         raise DataError(f"{archive} is not a .tar or .tar.gz archive: {HINT}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_scratch(target.parent)
     # Extract beside the target and rename, so an interrupted extraction is never mistaken
-    # for a finished one.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    # for a finished one; the process id in the name tells whose scratch it is.
+    scratch = Path(
+        tempfile.mkdtemp(prefix=f".{name}-", suffix=f".{os.getpid()}.tmp", dir=target.parent)
+    )
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(scratch, filter="data")
-        scratch.rename(target)
+        (scratch / MANIFEST).write_text(json.dumps({"images": _count_images(scratch)}))
+        try:
+            scratch.rename(target)
+        except OSError:
+            if not _cache_is_complete(target):
+                raise
+            # another process extracted the same archive meanwhile: use its copy
+    except tarfile.FilterError as error:
+        reason = (
+            "is a device or other special file"
+            if isinstance(error, tarfile.SpecialFileError)
+            else "leads outside the archive's folder"
+        )
+        raise DataError(
+            f"{archive} holds {error.tarinfo.name!r}, which {reason}: the archive was not "
+            "extracted; use a trusted copy of the data set"
+        ) from error
     except (tarfile.TarError, EOFError, OSError) as error:
         raise DataError(
             f"could not extract {archive} ({error}): is it a complete download?"
@@ -144,7 +200,58 @@ def extract_archive(archive: Path, cache_dir: str | os.PathLike | None = None) -
     return target
 
 
-def _find_split_root(path: Path) -> Path:
+def _cache_is_complete(folder: Path) -> bool:
+    """Whether an extracted archive still holds every image its manifest counts: training on a
+    cache that lost files would silently train on fewer images than the archive holds. Caches
+    without a manifest (made by older versions) cannot be checked and count as incomplete."""
+    try:
+        expected = json.loads((folder / MANIFEST).read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    decoded = folder / DECODED
+    if decoded.is_file():  # the tensors are what training reads; mmap reads only the labels
+        state = torch.load(decoded, weights_only=True, mmap=True)
+        return sum(len(s["labels"]) for s in state) == expected
+    return _count_images(folder) == expected
+
+
+def _count_images(folder: Path) -> int:
+    """How many images loading the extracted archive ``folder`` decodes (0 when it has no train/
+    and test/: the load reports that)."""
+    root = _split_root(folder)
+    if root is None:
+        return 0
+    return sum(len(_list_images(root / split)[1]) for split in ("train", "test"))
+
+
+def _remove_dead_scratch(folder: Path) -> None:
+    """Remove the scratch (``.<name>.<pid>.tmp``) that killed processes left in ``folder``: a
+    ``kill -9`` or a power cut skips the clean-up, and each copy of CIFAR-10 is ~200 MB."""
+    for scratch in folder.glob(".*.tmp"):
+        pid = scratch.name.split(".")[-2]
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        if scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            scratch.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether process ``pid`` is running on this machine."""
+    # On Windows os.kill(pid, 0) would terminate the process: treat every process as alive.
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def _split_root(path: Path) -> Path | None:
     """``path`` itself if it holds train/ and test/, or its only sub-folder that does."""
 
     def has_splits(p: Path) -> bool:
@@ -155,6 +262,14 @@ def _find_split_root(path: Path) -> Path:
     children = [c for c in path.iterdir() if c.is_dir() and not c.name.startswith(".")]
     if len(children) == 1 and has_splits(children[0]):
         return children[0]
+    return None
+
+
+def _find_split_root(path: Path) -> Path:
+    """As :func:`_split_root`, but a folder without train/ and test/ is an error saying so."""
+    root = _split_root(path)
+    if root is not None:
+        return root
     if not any(path.iterdir()):
         raise DataError(f"data folder {path} is empty: {HINT}")
     raise DataError(
@@ -176,9 +291,40 @@ def _image_folder_pair(root: Path) -> tuple[ImageSet, ImageSet]:
 def read_image_folder(folder: Path) -> ImageSet:
     """Decode ``folder/<class>/*`` (classes in sorted order, as torchvision's ImageFolder).
 
-    A corrupt or truncated image stops the load with its file name: silently training on fewer
-    images than the data set holds would make the reported numbers wrong.
+    A corrupt or truncated image, or a class folder without images, stops the load with its
+    name: silently training on fewer images (or classes) than the data set holds would make the
+    reported numbers wrong.
     """
+    classes, files = _list_images(folder)
+    if not files:
+        raise DataError(f"no images found in {folder}: expected {folder}/<class>/*.jpg")
+    found = {label for _, label in files}
+    empty = [folder / name for label, name in enumerate(classes) if label not in found]
+    if empty:
+        raise DataFileError(
+            f"class folder {empty[0]} has no images: add its images, or remove the class from "
+            "train/ and test/",
+            str(empty[0]),
+            "is a class folder with no images",
+        )
+    arrays = [_read_image(path) for path, _ in files]
+    for (path, _), array in zip(files, arrays):
+        if array.shape != arrays[0].shape:
+            height, width = arrays[0].shape[:2]
+            problem = (
+                f"is {array.shape[1]}x{array.shape[0]} pixels, the other images {width}x{height}"
+            )
+            raise DataFileError(
+                f"{path} {problem}: all images in a set must have one size", str(path), problem
+            )
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageSet(images, labels, tuple(classes))
+
+
+def _list_images(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The class names under ``folder`` (sorted, as torchvision's ImageFolder) and the image
+    files in them with their labels."""
     classes = sorted(c.name for c in folder.iterdir() if c.is_dir() and not c.name.startswith("."))
     files = [
         (path, label)
@@ -186,19 +332,7 @@ def read_image_folder(folder: Path) -> ImageSet:
         for path in sorted((folder / name).iterdir())
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
-    if not files:
-        raise DataError(f"no images found in {folder}: expected {folder}/<class>/*.jpg")
-    arrays = [_read_image(path) for path, _ in files]
-    for (path, _), array in zip(files, arrays):
-        if array.shape != arrays[0].shape:
-            height, width = arrays[0].shape[:2]
-            raise DataError(
-                f"{path} is {array.shape[1]}x{array.shape[0]} pixels, the other images "
-                f"{width}x{height}: all images in a set must have one size"
-            )
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return ImageSet(images, labels, tuple(classes))
+    return classes, files
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -206,7 +340,11 @@ def _read_image(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"cannot read image {path} ({error}): delete or replace it") from error
+        raise DataFileError(
+            f"cannot read image {path} ({error}): delete or replace it",
+            str(path),
+            "is not a readable image (corrupt or truncated)",
+        ) from error
 
 
 def balanced_subset(dataset: ImageSet, size: int | None, seed: int) -> ImageSet:
@@ -240,12 +378,12 @@ def synthetic_cifar10(
     """
     generator = torch.Generator().manual_seed(seed)
     patterns = torch.rand(10, 3, 4, 4, generator=generator) * 200 + 28
-    patterns = torch.nn.functional.interpolate(patterns, size=32, mode="nearest")
+    patterns = torch.nn.functional.interpolate(patterns, size=IMAGE_SIZE, mode="nearest")
 
     def make(size: int) -> ImageSet:
         labels = torch.arange(size) % 10
         labels = labels[torch.randperm(size, generator=generator)]
-        noise = torch.randn(size, 3, 32, 32, generator=generator) * 40
+        noise = torch.randn(size, 3, *IMAGE_SIZE, generator=generator) * 40
         images = (patterns[labels] + noise).clamp(0, 255).to(torch.uint8)
         return ImageSet(images, labels, CIFAR10_CLASSES)
 

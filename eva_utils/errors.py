@@ -23,3 +23,14 @@ class TrainingDiverged(EvaError):
 
 class Interrupted(EvaError):
     """Ctrl-C or SIGTERM stopped training; the message says how to resume."""
+
+
+class DataFileError(DataError):
+    """A file or folder of the data set that cannot be used. ``path`` names it and ``problem``
+    says what is wrong ("is not a readable image"), so that a caller which extracted the data
+    from an archive can name the archive's member instead of its own copy."""
+
+    def __init__(self, message: str, path: str, problem: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.problem = problem

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torchvision
 
-from .config import Config
+from .config import RESUMABLE_CHANGES, Config, divergence_advice
 from .errors import CheckpointError, Interrupted, TrainingDiverged
 
 if TYPE_CHECKING:
@@ -142,14 +142,43 @@ def _tuples(value: Any) -> Any:
 # --- run folders -------------------------------------------------------------------------------
 
 
+def check_output_folder(folder: Path, flag: str = "--out") -> Path:
+    """Check, before any work whose results would go into ``folder``, that they can be written
+    there: the folder, or its nearest existing ancestor, is a writable folder. Creates nothing.
+    Raises CheckpointError naming the folder and the cause."""
+    folder = Path(folder)
+    existing = next(path for path in (folder, *folder.parents, Path.cwd()) if path.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"{existing} is a file, not a folder: choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".eva8-write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write into {existing} ({error.strerror or error}): choose a writable folder "
+            f"with {flag}"
+        ) from None
+    return folder
+
+
 def check_new_run_folder(out: Path) -> None:
-    """Refuse to start a new run where one that could be resumed already is."""
+    """Refuse to start a new run where one that could be resumed already is, or where nothing
+    can be written."""
     if (out / LAST).exists():
         raise CheckpointError(
             f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
         )
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} is a file, not a run folder: choose another --out")
+    check_output_folder(out)
+
+
+def check_resumable_folder(out: Path) -> None:
+    """Refuse to resume from ``out`` when it has no checkpoint or cannot take a new one."""
+    if not (out / LAST).exists():
+        raise CheckpointError(
+            f"{out} has no checkpoint ({LAST}) to resume: start a new run with --out"
+        )
+    check_output_folder(out, "--resume")
 
 
 def prepare_run_folder(out: Path) -> None:
@@ -159,19 +188,57 @@ def prepare_run_folder(out: Path) -> None:
     remove_stale_temporaries(out)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has finished, then raise KeyboardInterrupt.
+
+    Around checkpoint writes: an interrupt inside ``torch.save`` surfaces as a RuntimeError
+    from its zip writer instead of a KeyboardInterrupt, so the write is let finish (it takes a
+    fraction of a second) and the interrupt is handled after it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda s, frame: caught.append(s)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def save(run: Run, out: Path) -> None:
     """Write best.pt (if this epoch is the best), metrics.json and last.pt, each atomically.
 
     last.pt goes last: it is what a resume starts from, so a crash between the writes makes the
     resumed run redo this epoch (exactly) and rewrite the other two. A diverged epoch (test loss
-    NaN or infinite) raises :class:`TrainingDiverged` and overwrites nothing.
+    NaN or infinite) raises :class:`TrainingDiverged` and overwrites nothing; a write that fails
+    (disk full, read-only folder) raises CheckpointError and leaves the files it would replace.
+    Ctrl-C and SIGTERM wait until the writes are done.
     """
     history = run.history
     if not math.isfinite(history[-1]["test_loss"]):
         raise TrainingDiverged(
             f"the test loss became NaN or infinite after epoch {history[-1]['epoch']} "
-            "(the weights diverged in its last steps): lower the learning rate (--lr)"
+            f"(the weights diverged in its last steps): {divergence_advice(run.config)}"
         )
+    try:
+        with signals_deferred():
+            _write_run(run, out)
+    except OSError as error:
+        raise CheckpointError(
+            f"could not save epoch {history[-1]['epoch']} into {out} "
+            f"({error.strerror or error}); the files of the epochs before are kept: free space "
+            f"or make the folder writable, then python -m eva_utils train --resume {out}"
+        ) from None
+
+
+def _write_run(run: Run, out: Path) -> None:
+    history = run.history
     if history[-1]["test_acc"] >= max(row["test_acc"] for row in history):
         atomic_save(
             {
@@ -236,27 +303,15 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str
     model.load_state_dict(given)
 
 
-# Settings a resumed run must keep: the checkpoint's optimizer, schedule and RNG states were made
-# with them, so a new value would be silently ignored or could not load. The learning rate may
-# change (see _rescale_lr); anything else (epochs, device, data path...) simply takes effect.
-FIXED_ON_RESUME = (
-    "arch", "momentum", "nesterov", "weight_decay", "decay_norm_bias", "schedule", "step_size",
-    "gamma", "warmup", "seed",
-)  # fmt: skip
-
-
 def restore(run: Run, out: Path) -> None:
     """Put ``run`` back in the state ``out/last.pt`` recorded after its last finished epoch.
 
-    On the CPU with the same settings the resumed run repeats the uninterrupted one exactly.
-    A different ``lr`` rescales the rest of the schedule; the settings in
-    :data:`FIXED_ON_RESUME` cannot change.
+    On the CPU the resumed run repeats the uninterrupted one exactly. One run has one recipe:
+    a config that differs from the checkpoint's in any field but
+    :data:`~eva_utils.config.RESUMABLE_CHANGES` is refused.
     """
     path = out / LAST
-    if not path.exists():
-        raise CheckpointError(
-            f"{out} has no checkpoint ({LAST}) to resume: start a new run with --out"
-        )
+    check_resumable_folder(out)
     remove_stale_temporaries(out)
     state = load_checkpoint(path)
     saved = Config.from_dict(state["config"])
@@ -270,24 +325,11 @@ def restore(run: Run, out: Path) -> None:
         set_rng_state(state["rng"], run.generator)
     except (KeyError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path} cannot be resumed with these settings ({error})") from None
-    if run.config.lr != saved.lr:
-        _rescale_lr(run, run.config.lr / saved.lr)
     run.history = list(state["history"])
 
 
 def _check_resumable(run: Run, saved: Config, state: dict[str, Any], out: Path) -> None:
-    changed = [
-        name for name in FIXED_ON_RESUME if getattr(run.config, name) != getattr(saved, name)
-    ]
-    if changed:
-        changes = ", ".join(
-            f"--{name.replace('_', '-')} {getattr(saved, name)} -> {getattr(run.config, name)}"
-            for name in changed
-        )
-        raise CheckpointError(
-            f"cannot resume {out} with other settings ({changes}): its weights, optimizer and "
-            "schedule were made with the old ones; drop those flags, or start a new run with --out"
-        )
+    check_same_recipe(saved, run.config, out)
     if list(state["classes"]) != list(run.classes):
         raise CheckpointError(
             f"{out} was trained on the classes {list(state['classes'])}, the data now has "
@@ -304,23 +346,29 @@ def _check_resumable(run: Run, saved: Config, state: dict[str, Any], out: Path) 
             )
 
 
-def _rescale_lr(run: Run, factor: float) -> None:
-    """Scale the rest of the schedule by ``factor``, as if the run had started with that lr."""
-    for group in run.optimizer.param_groups:
-        for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # StepLR and OneCycleLR's keys
-            if key in group:
-                group[key] *= factor
-    run.scheduler.base_lrs = [lr * factor for lr in run.scheduler.base_lrs]
-
-
-def resume_config(out: Path, **changes: Any) -> Config:
-    """The config a run folder was started with, with ``changes`` (e.g. more epochs)."""
-    state = load_checkpoint(out / LAST) if (out / LAST).exists() else None
-    if state is None:
+def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
+    """Refuse to resume the run in ``out``, started with ``saved``, with a ``config`` that
+    differs in any field but :data:`~eva_utils.config.RESUMABLE_CHANGES`."""
+    changed = ", ".join(
+        f"--{name.replace('_', '-')} {_flag_value(old)} -> {_flag_value(new)}"
+        for (name, old), (_, new) in zip(saved.items(), config.items())
+        if name not in RESUMABLE_CHANGES and old != new
+    )
+    if changed:
         raise CheckpointError(
-            f"{out} has no checkpoint ({LAST}) to resume: start a new run with --out"
+            f"cannot resume {out} with another recipe ({changed}): a run keeps the recipe it "
+            "started with; drop those flags, or start a new run with --out"
         )
-    return Config.from_dict(state["config"]).replace(**changes)
+
+
+def _flag_value(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def resume_config(out: Path) -> Config:
+    """The config the run in ``out`` was started with."""
+    check_resumable_folder(out)
+    return Config.from_dict(load_checkpoint(out / LAST)["config"])
 
 
 def write_metrics(path: Path, config: Config, history: list[dict], env: dict[str, str]) -> None:
@@ -361,6 +409,14 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
             f"{path} is not an eva8 metrics.json (expected a 'history' list of epochs with "
             f"{', '.join(HISTORY_KEYS)})"
         )
+    for row in history:
+        for key in HISTORY_KEYS:
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CheckpointError(
+                    f"{path}: {key} of epoch {row['epoch']!r} is {value!r}, not a number: the "
+                    "file was edited or damaged; use the metrics.json that training wrote"
+                )
     return metrics
 
 
@@ -405,7 +461,7 @@ def interruptible(out: Path | None, current_epoch: Callable[[], int]) -> Iterato
                 "nothing to resume"
             ) from None
         # Count the epochs last.pt really holds: the signal may have come during its write.
-        saved = _saved_epochs(out)
+        saved = saved_epochs(out)
         if not saved:
             raise Interrupted(
                 "stopped in epoch 1; no epoch had finished, nothing to resume"
@@ -415,19 +471,19 @@ def interruptible(out: Path | None, current_epoch: Callable[[], int]) -> Iterato
             f"resume with: python -m eva_utils train --resume {out}"
         ) from None
     except TrainingDiverged as error:
-        saved = _saved_epochs(out) if out is not None else 0
+        saved = saved_epochs(out) if out is not None else 0
         if not saved:
             raise
         raise TrainingDiverged(
-            f"{error}; {out / LAST} keeps epochs 1-{saved}, the last good ones: to continue "
-            f"from them, python -m eva_utils train --resume {out} --lr SMALLER_LR"
+            f"{error}, in a new run (a run keeps its recipe); {out / LAST} keeps epochs "
+            f"1-{saved}, the last good ones"
         ) from error
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _saved_epochs(out: Path) -> int:
+def saved_epochs(out: Path) -> int:
     """How many epochs ``out/last.pt`` holds (0 if none or unreadable)."""
     try:
         return len(load_checkpoint(out / LAST)["history"])

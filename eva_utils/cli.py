@@ -1,23 +1,27 @@
-"""The ``eva8`` command (also ``python -m eva_utils``): summary, train, plot, rf, analyze, figures.
+"""The ``eva8`` command (also ``python -m eva_utils``): summary, train, plot, rf, analyze,
+figures, compare.
 
 Training flags are generated from :class:`~eva_utils.config.Config`, so every hyperparameter
-has a flag and its help text is the one in the README table.
+has a flag and its help text is the one in the README table. Heavy modules (torch, matplotlib)
+load inside the commands, after :func:`main` has taken charge of Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 
-from . import checkpoint
 from .config import PRESETS, Config, get_preset, parse_field
 from .errors import ConfigError, EvaError, Interrupted
 
 PROG = "eva8"
 DEFAULT_PRESET = "session8"
+COMPARISON_PNG = "comparison.png"
 
 
 def _positive_int(text: str) -> int:
@@ -132,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", metavar="PATH", default=None,
         help="read the misclassified images from this data source instead of the run's",
     )  # fmt: skip
+
+    compare = commands.add_parser(
+        "compare",
+        help="overlay the validation accuracy and loss of several runs and print their table",
+    )
+    compare.add_argument(
+        "runs", type=Path, nargs="+", metavar="RUN",
+        help="run folders holding metrics.json (runs/NAME, results/NAME)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--out", type=Path, required=True,
+        help=f"folder for {COMPARISON_PNG}, or the .png file to write",
+    )  # fmt: skip
     return parser
 
 
@@ -145,6 +162,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from . import checkpoint
     from .engine import fit, summarize_history
     from .plots import save_history_figures
 
@@ -158,9 +176,17 @@ def cmd_train(args: argparse.Namespace) -> None:
                 "checkpoint (flags such as --epochs still apply)"
             )
         changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-        config = checkpoint.resume_config(
-            out, **{k: v for k, v in changes.items() if v is not None}
-        )
+        saved = checkpoint.resume_config(out)
+        config = saved.replace(**{k: v for k, v in changes.items() if v is not None})
+        checkpoint.check_same_recipe(saved, config, out)
+        done = checkpoint.saved_epochs(out)
+        if done >= config.epochs:
+            print(
+                f"{out} is already complete: it holds {done} epochs and --epochs is "
+                f"{config.epochs}, so there is nothing to train (give --epochs above {done} to "
+                "train longer)"
+            )
+            return
     elif args.out is None:
         raise EvaError("train needs --out runs/NAME (or --resume runs/NAME)")
     else:
@@ -181,8 +207,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
+    from . import checkpoint
     from .plots import save_history_figures
 
+    checkpoint.check_output_folder(args.out)
     metrics = checkpoint.read_metrics(args.metrics)
     caption = args.caption if args.caption is not None else checkpoint.describe_run(metrics)
     for path in save_history_figures(metrics["history"], args.out, caption):
@@ -208,17 +236,20 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         load_test_set,
         save_report,
     )
+    from .checkpoint import check_output_folder
     from .engine import select_device
     from .plots import save_figure
 
+    device = select_device(args.device)
+    if args.out is not None:
+        check_output_folder(args.out)
     run = load_run(args.run)
+    out = check_output_folder(args.out if args.out is not None else args.run)
     test_set = load_test_set(run, args.data)
     report = analyze(
-        run, test_set, device=select_device(args.device), erf_images=args.erf_images,
-        progress=not args.quiet,
-    )  # fmt: skip
+        run, test_set, device=device, erf_images=args.erf_images, progress=not args.quiet
+    )
     caption = f"{args.run.name}, best epoch {run.epoch}, {len(test_set):,} test images"
-    out = args.out if args.out is not None else args.run
     saved = save_report(report, out / REPORT_NAME, caption)
     # Draw from the saved numbers, as `figures` does, so that it redraws these PNGs byte for byte.
     drawn, caption = load_report(saved)
@@ -234,10 +265,12 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
+    from . import checkpoint
     from .analysis import FIGURE_NAMES, REPORT_NAME, load_report, recorded_test_set
     from .errors import DataError
     from .plots import save_figure, save_history_figures
 
+    checkpoint.check_output_folder(args.out)
     metrics = checkpoint.read_metrics(args.results / checkpoint.METRICS)
     paths = save_history_figures(metrics["history"], args.out, checkpoint.describe_run(metrics))
     report_path = args.results / REPORT_NAME
@@ -257,27 +290,56 @@ def cmd_figures(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .checkpoint import check_output_folder
+    from .plots import save_figure
+    from .results import compare
+
+    png = args.out if args.out.suffix == ".png" else args.out / COMPARISON_PNG
+    check_output_folder(png.parent)
+    figure, table = compare(*args.runs)
+    print(table)
+    print(f"wrote {save_figure(figure, png)}")
+
+
 COMMANDS = {
     "summary": cmd_summary, "train": cmd_train, "plot": cmd_plot, "rf": cmd_rf,
-    "analyze": cmd_analyze, "figures": cmd_figures,
+    "analyze": cmd_analyze, "figures": cmd_figures, "compare": cmd_compare,
 }  # fmt: skip
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Errors a user can fix print one line (exit 2); Ctrl-C and SIGTERM exit
+    130, from the first moment on (training prints how to resume what it saved)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    debug, command = False, "train"
     try:
-        COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+        debug, command = args.debug, args.command
+        COMMANDS[command](args)
     except Interrupted as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # before training started (loading data...): nothing to resume
-        if args.debug:
+    except KeyboardInterrupt:  # training turns it into Interrupted: this came before or without
+        if debug:
             raise
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        when = (
+            " before training started: nothing was saved or changed" if command == "train" else ""
+        )
+        print(f"{PROG}: interrupted{when}", file=sys.stderr)
         return 130
     except EvaError as error:
-        if args.debug:
+        if debug:
             raise
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -189,6 +189,26 @@ def hyperparameter_table(config: Config, fields: tuple[str, ...] | None = None) 
     return "\n".join(rows)
 
 
+# The fields a resumed run may change: where and how fast it computes (device, compiled kernels,
+# DataLoader workers) and how long it goes on (epochs; a onecycle schedule is fixed at the start,
+# so a onecycle run still refuses a new length). Every other field changes what is computed (the
+# model, the data, the optimisation, the random streams), so a resume refuses a new value.
+RESUMABLE_CHANGES = ("epochs", "device", "compile", "num_workers")
+
+
+def divergence_advice(config: Config) -> str:
+    """What to change when ``config``'s training diverged. Weight decay alone multiplies each
+    weight by about (1 - lr * weight_decay) per step, which with momentum m oscillates and grows
+    once lr * weight_decay exceeds 2 * (1 + m): then the decay, not the step size, is at fault."""
+    shrink = config.lr * config.weight_decay
+    if shrink >= 2 * (1 + config.momentum):
+        return (
+            f"lr x weight_decay = {shrink:g} is above {2 * (1 + config.momentum):g}, where weight "
+            "decay alone makes the weights grow at every step: lower --weight-decay (or --lr)"
+        )
+    return "lower the learning rate (--lr), or the weight decay (--weight-decay) if you raised it"
+
+
 RECIPE_FIELDS = (
     "arch", "norm", "num_splits", "dropout", "epochs", "batch_size", "lr", "momentum", "nesterov",
     "weight_decay", "decay_norm_bias", "label_smoothing", "schedule", "step_size", "gamma",

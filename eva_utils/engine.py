@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import TARGET_ACCURACY, Config
+from .config import TARGET_ACCURACY, Config, divergence_advice
 from .data import ImageSet, balanced_subset, load_cifar10, synthetic_cifar10
 from .errors import ConfigError, TrainingDiverged
 from .loaders import DeviceLoader, torchvision_loader
 from .model import ARCHITECTURES
+from .progress import tqdm
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 REFRESH_EVERY = 20  # steps between progress-bar updates (each one reads the loss from the device)
@@ -47,10 +47,17 @@ def select_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} cannot train here: use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {name!r} was asked for but CUDA is not available: use --device cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+            "cuda:0 to cuda:N-1"
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(
@@ -179,10 +186,7 @@ def train(
 def _check_finite(first_bad: Tensor, desc: str) -> None:
     step = int(first_bad)
     if step >= 0:
-        raise TrainingDiverged(
-            f"the loss became NaN or infinite in {desc}, step {step + 1}: "
-            "lower the learning rate (--lr) and train again"
-        )
+        raise TrainingDiverged(f"the loss became NaN or infinite in {desc}, step {step + 1}")
 
 
 @torch.no_grad()
@@ -363,13 +367,16 @@ class Run:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         per_step = self.scheduler if self.config.schedule == "onecycle" else None
-        result = train(
-            self.forward, self.train_loader, self.optimizer, device=self.device,
-            loss_fn=self.loss_fn, scheduler=per_step, scaler=self.scaler,
-            amp_dtype=self.amp_dtype, channels_last=self.config.channels_last,
-            max_batches=self.config.max_batches, progress=self.progress,
-            desc=f"epoch {epoch} train",
-        )  # fmt: skip
+        try:
+            result = train(
+                self.forward, self.train_loader, self.optimizer, device=self.device,
+                loss_fn=self.loss_fn, scheduler=per_step, scaler=self.scaler,
+                amp_dtype=self.amp_dtype, channels_last=self.config.channels_last,
+                max_batches=self.config.max_batches, progress=self.progress,
+                desc=f"epoch {epoch} train",
+            )  # fmt: skip
+        except TrainingDiverged as error:  # train() knows the step; the config knows the cause
+            raise TrainingDiverged(f"{error}: {divergence_advice(self.config)}") from None
         if per_step is None:
             self.scheduler.step()
         return result
@@ -407,19 +414,25 @@ def fit(
     checkpoint of the last finished epoch stays, and :class:`~eva_utils.errors.Interrupted` says
     how to resume.
     """
-    run = Run(config, datasets, progress)
     out = Path(out) if out is not None else None
+    # Refuse an unusable run folder before loading data or building the model.
     if resume:
         if out is None:
             raise ConfigError("resume needs the run folder (out=...)")
-        checkpoint.restore(run, out)
+        checkpoint.check_same_recipe(checkpoint.resume_config(out), config, out)
     elif out is not None:
-        checkpoint.prepare_run_folder(out)
-    bar = tqdm(
-        range(len(run.history) + 1, config.epochs + 1), desc="epochs", initial=len(run.history),
-        total=config.epochs, disable=not progress,
-    )  # fmt: skip
-    with checkpoint.interruptible(out, lambda: len(run.history) + 1):
+        checkpoint.check_new_run_folder(out)
+    run: Run | None = None
+    with checkpoint.interruptible(out, lambda: len(run.history) + 1 if run else 1):
+        run = Run(config, datasets, progress)
+        if resume:
+            checkpoint.restore(run, out)
+        elif out is not None:
+            checkpoint.prepare_run_folder(out)
+        bar = tqdm(
+            range(len(run.history) + 1, config.epochs + 1), desc="epochs",
+            initial=len(run.history), total=config.epochs, disable=not progress,
+        )  # fmt: skip
         for epoch in bar:
             started = time.perf_counter()
             lr = run.optimizer.param_groups[0]["lr"]

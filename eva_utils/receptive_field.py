@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
+import types
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -36,7 +38,8 @@ from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from tqdm.auto import tqdm
+
+from .progress import tqdm
 
 Size = tuple[int, ...]
 
@@ -576,3 +579,15 @@ def plot_erf(
     fig.legend([box], [label], loc="outside lower center", fontsize=9, frameon=False)
     fig.suptitle(title)
     return fig
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``eva_utils.receptive_field(model)`` call :func:`receptive_field` while
+    ``from eva_utils.receptive_field import ...`` keeps importing from this module: the package
+    attribute and the module share one name, so the module itself is made callable."""
+
+    def __call__(self, model: nn.Module, input_size: Size = (3, 32, 32)) -> list[RFRow]:
+        return receptive_field(model, input_size)
+
+
+sys.modules[__name__].__class__ = _CallableModule

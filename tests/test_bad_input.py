@@ -246,7 +246,7 @@ def test_resume_of_a_checkpoint_whose_weights_are_another_architecture(tmp_path,
     state = checkpoint.load_checkpoint(last)
     state["config"]["arch"] = "resnet18"
     torch.save(state, last)
-    code, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--quiet")
+    code, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--epochs", "2", "--quiet")
     assert_one_line_error(
         code, err, "holds weights of another architecture than this model", "unexpected"
     )
@@ -284,32 +284,31 @@ def assert_last_good_epoch_kept(run: Path, lr: float) -> None:
     assert all(math.isfinite(row["test_loss"]) for row in history)
 
 
+# A step schedule that multiplies the learning rate by 1e8 after epoch 1: a good first epoch,
+# then a step so large that training diverges, in one run.
+EXPLODING_LR = ["--step-size", "1", "--gamma", "1e8", "--epochs", "2"]
+
+
 def test_nan_training_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(
     tmp_path, capsys
 ):
     run = tmp_path / "run"
     four_steps = ["--data", "synthetic", *TINY, "--train-size", "32", "--max-batches", "none"]
-    assert eva8(capsys, "train", *four_steps, "--out", run) == (0, "")
-    code, err = eva8(capsys, "train", "--resume", run, "--epochs", "2", "--lr", "1e6", "--quiet")
+    code, err = eva8(capsys, "train", *four_steps, *EXPLODING_LR, "--out", run)
     line = assert_one_line_error(
         code, err, "the loss became NaN or infinite in epoch 2 train, step ",
-        "lower the learning rate (--lr)", f"{run / 'last.pt'} keeps epochs 1-1",
-        f"--resume {run} --lr SMALLER_LR",
+        "lower the learning rate (--lr)", "in a new run (a run keeps its recipe)",
+        f"{run / 'last.pt'} keeps epochs 1-1, the last good ones",
     )  # fmt: skip
     assert "step 1:" not in line  # step 1's loss is computed before the first huge update
     assert_last_good_epoch_kept(run, lr=0.016)
-    # The advice works: a lower rate continues from the kept epoch.
-    code, err = eva8(capsys, "train", "--resume", run, "--epochs", "2", "--lr", "0.008", "--quiet")
-    assert code == 0, err
-    assert [r["epoch"] for r in checkpoint.read_metrics(run / "metrics.json")["history"]] == [1, 2]
 
 
 def test_weights_that_diverge_in_the_last_step_are_not_saved(tmp_path, capsys):
     """One step per epoch: the loss of the huge step is still finite (computed before it), but
     the weights it leaves give a NaN test loss. That epoch must not overwrite last.pt."""
     run = tmp_path / "run"
-    assert eva8(capsys, "train", *SYNTHETIC, "--out", run) == (0, "")
-    code, err = eva8(capsys, "train", "--resume", run, "--epochs", "2", "--lr", "1e6", "--quiet")
+    code, err = eva8(capsys, "train", *SYNTHETIC, *EXPLODING_LR, "--out", run)
     assert_one_line_error(
         code, err, "the test loss became NaN or infinite after epoch 2",
         f"{run / 'last.pt'} keeps epochs 1-1",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,3 +218,25 @@ def test_plot_erf_outlines_the_clipped_field_on_both_maps():
     assert [(b.get_x(), b.get_y(), b.get_width(), b.get_height()) for b in boxes] == [
         (-0.5, -0.5, 32.0, 32.0)
     ] * 2
+
+
+@pytest.mark.parametrize(
+    "first_import",
+    ["import eva_utils", "from eva_utils.receptive_field import RFRow",
+     "from eva_utils import receptive_field as rf", "import eva_utils.receptive_field"],
+)  # fmt: skip
+def test_receptive_field_is_callable_from_the_package_whatever_was_imported_first(first_import):
+    """``eva_utils.receptive_field(model)`` as the issue asked, while the module of the same
+    name keeps working (``from eva_utils.receptive_field import ...``)."""
+    code = (
+        f"{first_import}\n"
+        "import eva_utils\n"
+        "from eva_utils.receptive_field import receptive_field, print_receptive_field\n"
+        "rows = eva_utils.receptive_field(eva_utils.resnet18())\n"
+        "assert rows == receptive_field(eva_utils.resnet18())\n"
+        "assert rows[-1].rf == (133, 133) and callable(print_receptive_field)\n"
+        "assert eva_utils.receptive_field.first_covering is not None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr

@@ -227,5 +227,8 @@ def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(tmp_path, m
     monkeypatch.setattr(engine, "load_datasets", interrupted_load)
     code = main(["train", "--data", "synthetic", "--quiet", "--out", str(tmp_path / "run")])
     assert code == 130
-    assert capsys.readouterr().err == "eva8: interrupted\n"
+    assert (
+        capsys.readouterr().err
+        == "eva8: stopped in epoch 1; no epoch had finished, nothing to resume\n"
+    )
     assert not (tmp_path / "run").exists()

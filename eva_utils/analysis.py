@@ -226,9 +226,10 @@ def plot_per_class_accuracy(
 
 @dataclass(frozen=True)
 class TrainedRun:
-    """The best epoch of a run folder, rebuilt: its config, classes and model (eval mode)."""
+    """The best epoch of a run folder, rebuilt: its config, classes and model (eval mode); or an
+    untrained model (``folder`` None, epoch 0)."""
 
-    folder: Path
+    folder: Path | None
     config: Config
     classes: tuple[str, ...]
     model: nn.Module
@@ -252,6 +253,14 @@ def load_run(folder: str | Path) -> TrainedRun:
     return TrainedRun(
         folder, config, tuple(state["classes"]), model.eval(), state["epoch"], state["test_acc"]
     )
+
+
+def untrained_run(config: Config, classes: Sequence[str]) -> TrainedRun:
+    """``config``'s model with fresh weights from its seed, as a TrainedRun of epoch 0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config, len(classes)).eval()
+    return TrainedRun(None, config, tuple(classes), model, 0, math.nan)
 
 
 def load_test_set(run: TrainedRun, data: str | None = None) -> ImageSet:
@@ -434,9 +443,7 @@ def load_report(path: str | Path) -> tuple[Report, str]:
 def untrained_like(run: TrainedRun) -> nn.Module:
     """The run's architecture with fresh weights drawn from the run's seed (the global random
     state is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.config.seed)
-        return build_model(run.config, len(run.classes)).eval()
+    return untrained_run(run.config, run.classes).model
 
 
 def analyze(
@@ -471,35 +478,3 @@ def analyze(
         erf_untrained=erf["untrained"],
         erf_trained=erf["trained"],
     )
-
-
-# --- recorded results --------------------------------------------------------------------------
-
-
-def results_table(runs: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of recorded runs (name -> metrics.json contents): the README's results,
-    generated so that its numbers are the files' numbers."""
-    from .engine import summarize_history
-
-    rows = [
-        "| run | data (train/test images) | epochs | best test acc (epoch) | final test acc "
-        "| 85% first reached | s/epoch | hardware |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, metrics in runs.items():
-        config, env = metrics["config"], metrics["environment"]
-        s = summarize_history(metrics["history"])
-        source, sizes = checkpoint.describe_data(config)
-        reached = f"epoch {s['target_epoch']}" if s["target_epoch"] else "not reached"
-        rows.append(
-            f"| `{name}` | {source} ({sizes}) | {s['epochs']} | {s['best_acc']:.2%} "
-            f"(epoch {s['best_epoch']}) | {s['final_acc']:.2%} | {reached} "
-            f"| {s['seconds_per_epoch']:.0f} | {env['device_name']}, torch {env['torch']} |"
-        )
-    return "\n".join(rows)
-
-
-def recorded_results(folder: str | Path = "results") -> dict[str, dict[str, Any]]:
-    """Every ``folder/<run>/metrics.json``, by run name, in name order."""
-    paths = sorted(Path(folder).glob("*/metrics.json"))
-    return {path.parent.name: checkpoint.read_metrics(path) for path in paths}

@@ -1,0 +1,318 @@
+"""Recorded runs and how they compare: the README's results table, its captions and the
+``compare`` figure, all generated from files.
+
+A recorded run is a folder ``results/<name>/`` holding the run's ``metrics.json`` exactly as
+training wrote it (a measured run is never edited) and ``provenance.json``: where, when and how
+it was measured (hardware, commit, command). A *peer* run is not this project's: its folder
+holds ``history.json`` (epoch, test_acc, test_loss, seconds per epoch) and a provenance that
+describes the independent pipeline, for comparison rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from . import checkpoint
+from .config import PRESETS, RECIPE_FIELDS, TARGET_ACCURACY
+from .errors import CheckpointError
+
+PROVENANCE = "provenance.json"
+PEER_HISTORY = "history.json"
+# What the labels of compared runs always name; other recipe fields only where the runs differ.
+NORM_FIELDS = ("norm", "num_splits", "dropout")
+LABEL_FIELDS = (*RECIPE_FIELDS, "train_size", "test_size")
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """One run's numbers (``metrics``: a metrics.json, or a peer's history) and provenance."""
+
+    name: str
+    metrics: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.metrics["history"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's config as recorded; a peer's data fields come from its provenance."""
+        return self.metrics.get("config") or self.provenance
+
+    @property
+    def peer(self) -> bool:
+        return bool(self.provenance.get("peer"))
+
+    @property
+    def hardware(self) -> str:
+        return self.provenance.get("hardware") or self.metrics["environment"]["device_name"]
+
+    def summary(self) -> dict[str, Any]:
+        from .engine import summarize_history
+
+        return summarize_history(self.history)
+
+
+def read_run(folder: str | Path) -> RecordedRun:
+    """The run in ``folder`` (a run folder written by ``train``, or ``results/NAME``), or the
+    folder of a ``metrics.json`` path. Raises CheckpointError, in one line, when it holds none."""
+    folder = Path(folder)
+    if folder.name == checkpoint.METRICS and folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a run folder: give runs/NAME or results/NAME")
+    provenance = _read_provenance(folder / PROVENANCE)
+    if provenance.get("peer") and not (folder / checkpoint.METRICS).exists():
+        metrics = _read_peer_history(folder / PEER_HISTORY)
+    elif (folder / checkpoint.METRICS).exists():
+        metrics = checkpoint.read_metrics(folder / checkpoint.METRICS)
+    else:
+        raise CheckpointError(
+            f"{folder} holds no {checkpoint.METRICS}: give a run folder written by "
+            "python -m eva_utils train (runs/NAME) or results/NAME"
+        )
+    return RecordedRun(folder.name, metrics, provenance)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError too
+        raise CheckpointError(f"cannot read {path} ({error}): is it a complete file?") from None
+
+
+def _read_provenance(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    provenance = _read_json(path)
+    if not isinstance(provenance, dict):
+        raise CheckpointError(f"{path} is not a provenance record (a JSON object)")
+    return provenance
+
+
+def _read_peer_history(path: Path) -> dict[str, Any]:
+    peer = _read_json(path)
+    keys = ("epoch", "test_acc", "test_loss", "seconds")
+    history = peer.get("history") if isinstance(peer, dict) else None
+    if not history or not all(isinstance(row, dict) and set(keys) <= row.keys() for row in history):
+        raise CheckpointError(f"{path} is not a peer history (epochs with {', '.join(keys)})")
+    return peer
+
+
+def recorded_runs(folder: str | Path = "results") -> list[RecordedRun]:
+    """Every run under ``folder``, in the order their provenance gives (then by name)."""
+    folders = sorted(
+        path.parent
+        for pattern in (f"*/{checkpoint.METRICS}", f"*/{PROVENANCE}")
+        for path in Path(folder).glob(pattern)
+    )
+    runs = [read_run(path) for path in dict.fromkeys(folders)]
+    return sorted(runs, key=lambda run: (run.provenance.get("order", len(runs)), run.name))
+
+
+# --- the README's tables and captions ----------------------------------------------------------
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
+
+
+def results_table(runs: Sequence[RecordedRun]) -> str:
+    """A Markdown table of recorded runs: the README's results, generated so that its numbers
+    are the files' numbers. Peers are marked as not this project."""
+    rows = [
+        "| run | data (train/test images) | epochs | best test acc (epoch) | final test acc "
+        f"| {TARGET_ACCURACY:.0%} first reached | s/epoch | total (train + test) | hardware |",
+        "|---|---|---|---|---|---|---:|---:|---|",
+    ]
+    for run in runs:
+        s = run.summary()
+        source, sizes = checkpoint.describe_data(run.config)
+        reached = f"epoch {s['target_epoch']}" if s["target_epoch"] else "not reached"
+        name = f"`{run.name}`" + (" (peer: not this project)" if run.peer else "")
+        rows.append(
+            f"| {name} | {source} ({sizes}) | {s['epochs']} | {s['best_acc']:.2%} "
+            f"(epoch {s['best_epoch']}) | {s['final_acc']:.2%} | {reached} "
+            f"| {s['seconds_per_epoch']:.1f} | {_minutes(s['seconds_per_epoch'] * s['epochs'])} "
+            f"| {run.hardware} |"
+        )
+    return "\n".join(rows)
+
+
+def provenance_list(runs: Sequence[RecordedRun]) -> str:
+    """A Markdown list: how each run was measured (its command, or a peer's description)."""
+    lines = []
+    for run in runs:
+        p = run.provenance
+        how = f"`{p['command']}`" if "command" in p else p.get("description", "")
+        where = ", ".join(
+            part
+            for part in (p.get("software"), p.get("commit") and f"commit {p['commit']}",
+                         p.get("measured"))
+            if part
+        )  # fmt: skip
+        note = f"; {p['note']}" if p.get("note") else ""
+        lines.append(f"- `{run.name}`: {how} ({where}){note}.")
+    return "\n".join(lines)
+
+
+def history_caption(run: RecordedRun) -> str:
+    """The README caption under a run's validation loss and accuracy graphs."""
+    s = run.summary()
+    source, sizes = checkpoint.describe_data(run.config)
+    return (
+        f"*Validation loss and accuracy of `results/{run.name}` ({run_label(run)}): "
+        f"{s['epochs']} epochs on {source} (train/test images: {sizes}), {run.hardware}; best "
+        f"{s['best_acc']:.2%} at epoch {s['best_epoch']}. Redraw with `make figures`.*"
+    )
+
+
+# --- comparing runs ----------------------------------------------------------------------------
+
+
+def _norm_label(config: dict[str, Any]) -> str:
+    norm = f"GBN {config.get('num_splits')} splits" if config.get("norm") == "gbn" else "BatchNorm"
+    dropout = config.get("dropout") or 0
+    return f"{norm}, " + (f"dropout {dropout:g}" if dropout else "no dropout")
+
+
+def _preset_of(config: dict[str, Any]) -> str | None:
+    """The preset whose recipe ``config`` follows, apart from its norm layer and dropout."""
+    compared = [name for name in RECIPE_FIELDS if name not in (*NORM_FIELDS, "epochs")]
+    for name, preset in PRESETS.items():
+        if all(_same(config.get(key), getattr(preset, key)) for key in compared):
+            return name
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return list(a) == list(b) if isinstance(b, tuple) else a == b
+
+
+def run_label(run: RecordedRun, others: Sequence[RecordedRun] = ()) -> str:
+    """A label that says what sets ``run`` apart from ``others``: always its norm layer and
+    dropout ("GBN 2 splits, dropout 0.1", "BatchNorm, no dropout"), then its preset where the
+    runs follow different presets, else each other recipe field in which they differ."""
+    if run.peer:
+        return "peer: pytorch-cifar's own pipeline"
+    config, label = run.config, _norm_label(run.config)
+    mine = [o for o in others if not o.peer]
+    differing = [
+        key
+        for key in LABEL_FIELDS
+        if key not in NORM_FIELDS
+        and any(not _same(config.get(key), _as_recorded(o.config.get(key))) for o in mine)
+    ]
+    if not differing:
+        return label
+    presets = {_preset_of(o.config) for o in mine} | {_preset_of(config)}
+    if None not in presets and len(presets) > 1:
+        return f"{_preset_of(config)}: {label}"
+    shown = ", ".join(f"{key} {_show(config.get(key))}" for key in differing)
+    return f"{label}, {shown}"
+
+
+def _as_recorded(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _show(value: Any) -> str:
+    if value is None:  # train_size, test_size: the whole set
+        return "all"
+    return "+".join(value) if isinstance(value, list | tuple) else f"{value}"
+
+
+def comparison_labels(runs: Sequence[RecordedRun]) -> list[str]:
+    """Labels for ``runs`` compared together; the run's name is added where two would match."""
+    labels = [run_label(run, [o for o in runs if o is not run]) for run in runs]
+    return [
+        f"{label} ({run.name})" if labels.count(label) > 1 else label
+        for run, label in zip(runs, labels)
+    ]
+
+
+def comparison_table(runs: Sequence[RecordedRun]) -> str:
+    """A plain-text table of the compared runs: best, final, target epoch and s/epoch."""
+    labels = comparison_labels(runs)
+    header = ("run", "label", "best (epoch)", "final", f"{TARGET_ACCURACY:.0%} first", "s/epoch")
+    rows = [header]
+    for run, label in zip(runs, labels):
+        s = run.summary()
+        reached = f"epoch {s['target_epoch']}" if s["target_epoch"] else "not reached"
+        rows.append(
+            (run.name, label, f"{s['best_acc']:.2%} ({s['best_epoch']})", f"{s['final_acc']:.2%}",
+             reached, f"{s['seconds_per_epoch']:.1f}")
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+    )
+
+
+def plot_comparison(
+    runs: Sequence[RecordedRun], title: str = "", target: float = TARGET_ACCURACY
+) -> Figure:
+    """Validation accuracy (left) and loss (right) of several runs, one line each."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    accuracy, loss = fig.subplots(1, 2)
+    for run, label in zip(runs, comparison_labels(runs)):
+        epochs = [row["epoch"] for row in run.history]
+        accuracy.plot(epochs, [100 * row["test_acc"] for row in run.history], "o-", ms=3,
+                      label=label)  # fmt: skip
+        loss.plot(epochs, [row["test_loss"] for row in run.history], "o-", ms=3, label=label)
+    accuracy.axhline(100 * target, color="tab:red", linestyle=":", label=f"target {target:.0%}")
+    accuracy.set(xlabel="epoch", ylabel="validation (test) accuracy (%)")
+    loss.set(xlabel="epoch", ylabel="validation (test) loss (mean per image)")
+    for ax in (accuracy, loss):
+        ax.grid(alpha=0.3)
+    accuracy.legend(loc="lower right", fontsize=8)
+    loss.legend(loc="upper right", fontsize=8)
+    fig.suptitle(title or "Validation accuracy and loss", fontsize=10 if "\n" in title else None)
+    return fig
+
+
+def comparison_caption(runs: Sequence[RecordedRun]) -> str:
+    """A figure title naming the runs' data and hardware."""
+    sources = {
+        "{} (train/test images: {})".format(*checkpoint.describe_data(run.config)) for run in runs
+    }
+    hardware = {run.hardware for run in runs}
+    return (
+        f"{', '.join(run.name for run in runs)}\n"
+        f"data: {'; '.join(sorted(sources))}; hardware: {'; '.join(sorted(hardware))}"
+    )
+
+
+def compare(*runs: str | Path | RecordedRun, title: str = "") -> tuple[Figure, str]:
+    """Overlay the validation curves of ``runs`` (run folders, ``results/NAME`` folders or
+    recorded runs) in one figure; returns (figure, comparison table as text)."""
+    recorded = [run if isinstance(run, RecordedRun) else read_run(run) for run in runs]
+    if not recorded:
+        raise CheckpointError("compare needs at least one run folder")
+    figure = plot_comparison(recorded, title or comparison_caption(recorded))
+    return figure, comparison_table(recorded)
+
+
+def analysis_caption(run: RecordedRun, folder: str | Path) -> str:
+    """The README caption under the analysis figures, from the run's ``analysis.json``."""
+    from .analysis import REPORT_NAME, load_report
+
+    report, _ = load_report(Path(folder) / REPORT_NAME)
+    accuracy = report.accuracy.nan_to_num(2.0)
+    weakest, strongest = int(accuracy.argmin()), int(report.accuracy.nan_to_num(-1.0).argmax())
+    tested = int(report.matrix.sum())
+    return (
+        f"*The 32 most confident mistakes, the confusion matrix and the accuracy per class of "
+        f"`{run.name}`'s best checkpoint (epoch {run.summary()['best_epoch']}), evaluated again "
+        f"in fp32 by `analyze`: {report.overall_accuracy:.2%} on {tested:,} test images, "
+        f"{len(report.mistakes):,} misclassified; weakest class {report.classes[weakest]} "
+        f"({report.accuracy[weakest]:.2%}), strongest {report.classes[strongest]} "
+        f"({report.accuracy[strongest]:.2%}).*"
+    )

@@ -1,0 +1,76 @@
+"""`eva8 compare` and eva_utils.compare: several runs' validation curves in one figure, labelled
+from their configs, and a table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import eva_utils
+from eva_utils.cli import main
+from eva_utils.results import comparison_labels, read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+GBN, BN = ROOT / "results" / "session8-h100", ROOT / "results" / "session8-bn-nodropout-h100"
+
+
+def test_compare_command_writes_the_overlay_and_prints_the_table(tmp_path, capsys):
+    assert main(["compare", str(GBN), str(BN), "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["run", "label", "best", "(epoch)", "final", "85%", "first",
+                                "s/epoch"]  # fmt: skip
+    assert lines[1].startswith("session8-h100 ") and "GBN 2 splits, dropout 0.1" in lines[1]
+    assert "87.78% (29)" in lines[1] and "epoch 16" in lines[1]
+    assert lines[2].startswith("session8-bn-nodropout-h100 ") and "BatchNorm, no dropout" in out
+    png = tmp_path / "c" / "comparison.png"
+    assert lines[-1] == f"wrote {png}"
+    with Image.open(png) as image:
+        assert image.size[0] > 1000 and len(image.convert("L").getcolors(maxcolors=256) or []) > 50
+
+
+def test_compare_writes_to_a_png_path_and_is_deterministic(tmp_path, capsys):
+    for name in ("a.png", "b.png"):
+        assert main(["compare", str(GBN), str(BN), "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_labels_say_what_differs():
+    runs = [read_run(GBN), read_run(BN), read_run(ROOT / "results" / "fast-h100")]
+    assert comparison_labels(runs[:2]) == ["GBN 2 splits, dropout 0.1", "BatchNorm, no dropout"]
+    assert comparison_labels(runs) == [
+        "session8: GBN 2 splits, dropout 0.1", "session8: BatchNorm, no dropout",
+        "fast: BatchNorm, no dropout",
+    ]  # fmt: skip
+    cpu = read_run(ROOT / "results" / "session8-cpu")
+    assert comparison_labels([runs[0], cpu])[1] == (
+        "GBN 2 splits, dropout 0.1, epochs 10, train_size 10000, test_size 2000"
+    )
+
+
+def test_the_library_function_returns_the_figure_and_table():
+    figure, table = eva_utils.compare(GBN, BN)
+    assert len(figure.axes) == 2 and "87.82% (29)" in table
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.mkdir(), "holds no metrics.json"),
+        (lambda p: p.mkdir() or (p / "metrics.json").write_text("{not json"), "is not valid JSON"),
+        (lambda p: p.mkdir() or (p / "metrics.json").write_text('{"history": []}'),
+         "is not an eva8 metrics.json"),
+        (lambda p: None, "is not a run folder"),
+    ],
+    ids=["no-metrics", "corrupt", "empty-history", "missing"],
+)  # fmt: skip
+def test_bad_runs_get_one_line(make, message, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    make(bad)
+    code = main(["compare", str(GBN), str(bad), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("eva8: error: ") and message in err
+    assert not (tmp_path / "c").exists()

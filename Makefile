@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 RUN ?= runs/session8
-RESULT ?= results/session8-cpu
+RESULT ?= results/session8-h100
+# the README's "Does Ghost BatchNorm help here?" figure
+COMPARE ?= results/session8-h100 results/session8-bn-nodropout-h100
 
-.PHONY: install train test lint format figures benchmark lab clean
+.PHONY: install train test lint format figures notebook-outputs benchmark lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +39,18 @@ format: $(STAMP)
 ## no checkpoint); the gallery of mistakes reads the run's test set (or DATA=path/to/cifar10.tar.gz)
 figures: $(STAMP)
 	$(PY) -m eva_utils figures $(RESULT) --out images/ $(if $(DATA),--data $(DATA))
+	$(PY) -m eva_utils compare $(COMPARE) --out images/gbn_vs_bn.png
+
+## store real outputs in the notebooks: a short CPU run of the main one (3 epochs, 5,000/1,000
+## images, about 5 minutes) and the receptive-field one; DATA is the JPEG copy, relative to here
+NOTEBOOK_DATA ?= ../shared/data/cifar10-jpg.tar.gz
+notebook-outputs: $(STAMP)
+	rm -rf notebooks/runs
+	cd notebooks && EVA_EPOCHS=3 EVA_DATA=../$(NOTEBOOK_DATA) EVA_TRAIN_SIZE=5000 EVA_TEST_SIZE=1000 \
+		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=1800 session8_resnet18_gbn.ipynb receptive_fields.ipynb
+	$(PY) -c "from eva_utils.notebook import strip_progress_bars as s; \
+		[s(f'notebooks/{n}.ipynb') for n in ('session8_resnet18_gbn', 'receptive_fields')]"
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/throughput.py

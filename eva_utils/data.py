@@ -229,7 +229,7 @@ def _remove_dead_scratch(folder: Path) -> None:
     ``kill -9`` or a power cut skips the clean-up, and each copy of CIFAR-10 is ~200 MB."""
     for scratch in folder.glob(".*.tmp"):
         pid = scratch.name.split(".")[-2]
-        if not pid.isdigit() or _process_exists(int(pid)):
+        if not pid.isdigit() or process_exists(int(pid)):
             continue
         if scratch.is_dir():
             shutil.rmtree(scratch, ignore_errors=True)
@@ -237,7 +237,7 @@ def _remove_dead_scratch(folder: Path) -> None:
             scratch.unlink(missing_ok=True)
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     """Whether process ``pid`` is running on this machine."""
     # On Windows os.kill(pid, 0) would terminate the process: treat every process as alive.
     if os.name == "nt":

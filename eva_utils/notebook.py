@@ -1,4 +1,5 @@
-"""Small helpers that keep the notebooks thin: Colab detection, parameters, example batches.
+"""Small helpers that keep the notebooks thin: Colab detection, parameters, run folders, the
+reference run and example batches.
 
 The notebooks' parameter cells hold the values a student edits. Two environment variables
 override them without editing the notebook: ``EVA_SMOKE=1`` (a tiny synthetic run for CI) and
@@ -8,8 +9,12 @@ every override is printed, so the outputs say what produced them.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
 import sys
 import tempfile
 import typing
@@ -18,11 +23,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import LAST, environment
-from .config import Config, get_preset, parse_field
-from .data import ImageSet
-from .engine import select_device
+from . import analysis
+from .checkpoint import LAST, METRICS, describe_data, environment
+from .config import RESUMABLE_CHANGES, Config, get_preset, parse_field
+from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, process_exists
+from .engine import load_datasets, select_device, summarize_history
+from .errors import DataError, EvaError
 from .loaders import DeviceLoader
+from .results import RecordedRun, read_run
 
 SMOKE_ENV = "EVA_SMOKE"
 # A run that exercises every cell in seconds on a CPU, with no data set and no network.
@@ -66,14 +74,42 @@ def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
     return config.replace(**overrides)
 
 
-def run_folder(default: str) -> Path:
-    """``EVA_RUN_DIR`` if set, a fresh temporary folder in smoke mode, else ``default``."""
+SMOKE_PREFIX = "eva8-smoke-"
+
+
+def recipe_name(config: Config) -> str:
+    """A run folder name for ``config``'s recipe: readable, and different for every recipe
+    (every field that a resume refuses to change), so that two recipes never share a folder."""
+    recipe = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    norm = f"gbn{config.num_splits}" if config.norm == "gbn" else "bn"
+    images = f"{config.train_size}img" if config.train_size else "all"
+    return f"{norm}-dropout{config.dropout:g}-{images}-{digest}"
+
+
+def run_folder(parent: str, config: Config) -> Path:
+    """The run folder of ``config``'s recipe under ``parent`` (``EVA_RUN_DIR`` overrides the
+    folder itself), or, in smoke mode, a temporary folder deleted when the kernel exits."""
     if smoke_mode():
-        return Path(tempfile.mkdtemp(prefix="eva8-smoke-"))
-    folder = Path(os.environ.get("EVA_RUN_DIR", default))
+        remove_stale_smoke_folders()
+        folder = Path(tempfile.mkdtemp(prefix=f"{SMOKE_PREFIX}{os.getpid()}-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return folder
     if "EVA_RUN_DIR" in os.environ:
-        print(f"override: run folder = {str(folder)!r} (the cell says {default!r})")
+        folder = Path(os.environ["EVA_RUN_DIR"])
+        print(f"override: run folder = {str(folder)!r}")
+    else:
+        folder = Path(parent) / recipe_name(config)
+    print(f"run folder: {folder} (one folder per recipe: a changed recipe trains in a new one)")
     return folder
+
+
+def remove_stale_smoke_folders() -> None:
+    """Delete the smoke folders of kernels that died without their exit handler running."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SMOKE_PREFIX}*-*"):
+        pid = folder.name.removeprefix(SMOKE_PREFIX).split("-")[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def can_resume(folder: str | Path) -> bool:
@@ -84,6 +120,128 @@ def can_resume(folder: str | Path) -> bool:
     return found
 
 
+# --- the reference run -------------------------------------------------------------------------
+
+REFERENCE = "session8-h100"  # results/<name>: the recorded full-length session8 run
+REFERENCE_ENV = "EVA_REFERENCE_RUN"  # a folder holding the reference run's best.pt
+
+
+def _search_roots() -> list[Path]:
+    """Where a clone of the repository may be: the package's parent (an editable install or a
+    checkout) and the working folder and its parents (a notebook runs in notebooks/)."""
+    here = Path.cwd().resolve()
+    return list(dict.fromkeys([Path(__file__).resolve().parents[1], here, *here.parents]))
+
+
+def reference_run(name: str = REFERENCE) -> RecordedRun:
+    """The recorded run ``results/<name>`` of the repository (a clone has it, Colab included)."""
+    for root in _search_roots():
+        if (root / "results" / name / METRICS).is_file():
+            return read_run(root / "results" / name)
+    raise EvaError(
+        f"results/{name} not found: run the notebook from a clone of the repository "
+        "(Colab's setup cell makes one)"
+    )
+
+
+def reference_checkpoint() -> Path | None:
+    """The folder of the reference run's trained model (``best.pt``), if this machine has it:
+    ``$EVA_REFERENCE_RUN``, else ``runs/session8-h100`` in the clone (a downloaded copy, or
+    your own full run), else ``../shared/reference-runs/session8-h100`` beside the clone."""
+    if REFERENCE_ENV in os.environ:
+        candidates = [Path(os.environ[REFERENCE_ENV])]
+    else:
+        candidates = [
+            folder
+            for root in _search_roots()
+            for folder in (root / "runs" / REFERENCE,
+                           root.parent / "shared" / "reference-runs" / REFERENCE)
+        ]  # fmt: skip
+    return next((c for c in candidates if (c / "best.pt").is_file()), None)
+
+
+def trained_or_untrained(run: str | Path | None = None) -> analysis.TrainedRun:
+    """``run``'s best model if given; else the reference run's trained model where this machine
+    has it, else an untrained session8 ResNet18. Prints which it is."""
+    if run is not None:
+        trained = analysis.load_run(run)
+        print(f"model: the best epoch ({trained.epoch}) of {run}")
+        return trained
+    folder = reference_checkpoint()
+    if folder is not None:
+        trained = analysis.load_run(folder)
+        print(
+            f"model: the reference run's trained ResNet18 ({REFERENCE}: session8 recipe, "
+            f"30 epochs on an H100; best epoch {trained.epoch}, {trained.test_acc:.2%})"
+        )
+        return trained
+    print(
+        "model: an UNTRAINED session8 ResNet18 (no trained reference model on this machine: "
+        f"set {REFERENCE_ENV} to a folder holding its best.pt, or train one into "
+        f"runs/{REFERENCE}); its figures show what training starts from"
+    )
+    return analysis.untrained_run(get_preset("session8"), CIFAR10_CLASSES)
+
+
+def gallery_model(own_run: str | Path, config: Config) -> analysis.TrainedRun:
+    """The model whose mistakes the main notebook shows: the trained reference model where this
+    machine has it and the data is real CIFAR-10, else the notebook's own run. Prints which."""
+    if config.data != SYNTHETIC and reference_checkpoint() is not None:
+        return trained_or_untrained()
+    return trained_or_untrained(own_run)
+
+
+def analysis_test_set(
+    run: analysis.TrainedRun, data: str | None = None, test_size: int | None = None
+) -> ImageSet:
+    """The test images to analyse ``run`` on: ``data`` if given, else the run's own source
+    (found beside the clone when the run recorded a relative path), else CIFAR-10's download;
+    smoke mode and a failed load fall back to synthetic images. Prints which."""
+    if smoke_mode():
+        data, test_size = SYNTHETIC, 64
+    elif data is None:
+        data = _locate(run.config.data)
+    config = run.config.replace(data=data, test_size=test_size)
+    try:
+        test_set = load_datasets(config)[1]
+    except DataError as error:
+        print(f"could not load the test images ({error}): using synthetic images instead")
+        config = config.replace(data=SYNTHETIC, test_size=64)
+        test_set = load_datasets(config)[1]
+    source, _ = describe_data(config.to_dict())  # the file's name: no path of this machine
+    print(f"test images: {len(test_set):,} from {source}")
+    return test_set
+
+
+def _locate(path: str | None) -> str | None:
+    """A run's recorded data path as seen from here: a relative one was relative to the clone's
+    root, where the command ran. None (CIFAR-10's download) if it is nowhere to be found."""
+    if path in (None, SYNTHETIC) or Path(path).exists():
+        return path
+    found = [root / path for root in _search_roots() if (root / path).exists()]
+    return str(found[0]) if found and not Path(path).is_absolute() else None
+
+
+def compare_with_reference(history: list[dict], config: Config, reference: RecordedRun) -> str:
+    """How a run (its history and config) compares with the reference run, epoch for epoch."""
+    mine, ref = summarize_history(history), reference.summary()
+    last = min(mine["epochs"], ref["epochs"])
+    ref_then = reference.history[last - 1]["test_acc"]
+    reached = f"epoch {mine['target_epoch']}" if mine["target_epoch"] else "not reached"
+    ref_reached = f"epoch {ref['target_epoch']}" if ref["target_epoch"] else "not reached"
+    return "\n".join([
+        f"this run:      best {mine['best_acc']:.2%} (epoch {mine['best_epoch']}), final "
+        f"{mine['final_acc']:.2%} after {mine['epochs']} epochs; {mine['target']:.0%}: {reached}",
+        f"reference run: best {ref['best_acc']:.2%} (epoch {ref['best_epoch']}), final "
+        f"{ref['final_acc']:.2%} after {ref['epochs']} epochs; {ref['target']:.0%}: {ref_reached} "
+        f"({reference.name}, {reference.hardware})",
+        f"at epoch {last}: this run {history[last - 1]['test_acc']:.2%}, the reference "
+        f"{ref_then:.2%} ({100 * (history[last - 1]['test_acc'] - ref_then):+.2f} points; "
+        f"train/test images: the reference {describe_data(reference.config)[1]}, this run "
+        f"{describe_data(config.to_dict())[1]})",
+    ])  # fmt: skip
+
+
 def augmented_examples(dataset: ImageSet, config: Config, count: int = 32) -> tuple[Tensor, Tensor]:
     """The first ``count`` training images after the config's augmentation (normalised)."""
     examples = dataset.subset(torch.arange(min(count, len(dataset))))
@@ -91,6 +249,31 @@ def augmented_examples(dataset: ImageSet, config: Config, count: int = 32) -> tu
     loader = DeviceLoader(examples, count, augment=config.augment,
                           rotate_degrees=config.rotate_degrees, generator=generator)  # fmt: skip
     return next(iter(loader))
+
+
+def strip_progress_bars(path: str | Path) -> int:
+    """Remove the text progress bars that tqdm left in a notebook's stored outputs (hundreds of
+    redraws per epoch where Jupyter has no widgets); the history table says the same. Returns
+    how many outputs were removed."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    removed = 0
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = [o for o in cell.outputs if not _is_progress_bar(o)]
+        removed += len(cell.outputs) - len(kept)
+        cell.outputs = kept
+    nbformat.write(notebook, path)
+    return removed
+
+
+def _is_progress_bar(output: dict) -> bool:
+    if output.get("output_type") != "stream" or output.get("name") != "stderr":
+        return False
+    text = "".join(output.get("text", ""))
+    return not text.strip() or "\r" in text or "\x1b[A" in text
 
 
 def history_table(history: list[dict]) -> str:

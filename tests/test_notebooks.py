@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -97,3 +98,92 @@ def test_nbval_fails_when_the_summary_table_changes(tmp_path):
     nbformat.write(notebook, path)
     passing = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert passing.returncode == 0, passing.stdout
+
+
+# Paths of one machine: a student's clone has none of them.
+MACHINE_PATHS = re.compile(r"/work/|/home/|/Users/|/tmp/|\.venv|site-packages|[A-Z]:\\\\")
+# What a smoke run prints (notebook.SMOKE_ENV's notice, the synthetic data, its temporary folder).
+SMOKE_OUTPUT = re.compile(r"EVA_SMOKE|smoke run|synthetic|eva8-smoke-")
+
+
+def stored_text(cell) -> str:
+    parts = []
+    for output in cell.outputs:
+        parts.append("".join(output.get("text", "")))
+        for value in output.get("data", {}).values():
+            parts.append(value if isinstance(value, str) else "".join(value))
+        parts.extend(output.get("traceback", []))
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_outputs_hold_no_machine_paths(path):
+    for cell in code_cells(path):
+        assert not MACHINE_PATHS.search(stored_text(cell)), stored_text(cell)[:500]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_outputs_are_not_smoke_outputs(path):
+    cells = code_cells(path)
+    assert any(cell.outputs for cell in cells), "the notebook stores a real run's outputs"
+    for cell in cells:
+        assert not SMOKE_OUTPUT.search(stored_text(cell)), stored_text(cell)[:500]
+
+
+def test_main_notebook_draws_the_reference_run_before_training_and_compares_after():
+    sources = [c.source for c in code_cells(MAIN)]
+    reference = next(i for i, s in enumerate(sources) if "notebook.reference_run()" in s)
+    training = next(i for i, s in enumerate(sources) if "eva_utils.fit(" in s)
+    assert reference < training
+    assert "eva_utils.compare(reference)" in sources[reference]
+    after = "\n".join(sources[training:])
+    assert "eva_utils.compare(reference, run_dir)" in after
+    assert "notebook.compare_with_reference(" in after
+    text = "\n".join(c.source for c in nbformat.read(MAIN, 4).cells)
+    assert "90% at epoch 22" not in text and "the original\n  reached 90%" not in text
+
+
+def run_notebook(path: Path, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+         "--output-dir", str(cwd), "--output", "executed.ipynb", str(path)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_receptive_field_notebook_runs_on_a_fresh_clone_without_a_trained_model(tmp_path):
+    """No ../shared, no run folder, no network: an untrained model, said so, top to bottom."""
+    notebook = nbformat.read(ROOT / "notebooks" / "receptive_fields.ipynb", 4)
+    parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    parameters.source += '\nDATA = "synthetic"  # injected by the test: no CIFAR-10 offline'
+    copy = tmp_path / "notebooks" / "receptive_fields.ipynb"
+    copy.parent.mkdir()
+    nbformat.write(notebook, copy)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("EVA_")} | {
+        "EVA_REFERENCE_RUN": str(tmp_path / "no-such-run"),
+        "PYTHONPATH": str(ROOT),
+    }
+    done = run_notebook(copy, copy.parent, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    executed = nbformat.read(copy.parent / "executed.ipynb", 4)
+    text = "\n".join(stored_text(c) for c in executed.cells if c.cell_type == "code")
+    assert "model: an UNTRAINED session8 ResNet18" in text
+    assert "test images: " in text
+
+
+def test_strip_progress_bars_keeps_everything_but_the_bars(tmp_path):
+    from eva_utils.notebook import strip_progress_bars
+
+    cell = nbformat.v4.new_code_cell("eva_utils.fit(...)")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="\repochs:  33%|███ | 1/3"),
+        nbformat.v4.new_output("stream", name="stderr", text="\x1b[A"),
+        nbformat.v4.new_output("stream", name="stderr", text="\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="UserWarning: something real\n"),
+        nbformat.v4.new_output("stream", name="stdout", text=" epoch  train loss\n"),
+    ]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    assert strip_progress_bars(path) == 3
+    kept = nbformat.read(path, 4).cells[0].outputs
+    assert [o["text"] for o in kept] == ["UserWarning: something real\n", " epoch  train loss\n"]

@@ -193,7 +193,9 @@ def _preset_of(config: dict[str, Any]) -> str | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return list(a) == list(b) if isinstance(b, tuple) else a == b
+    """Equal, counting a JSON list and a Config tuple with the same items as equal."""
+    sequences = (list, tuple)
+    return list(a) == list(b) if isinstance(a, sequences) and isinstance(b, sequences) else a == b
 
 
 def run_label(run: RecordedRun, others: Sequence[RecordedRun] = ()) -> str:
@@ -208,7 +210,7 @@ def run_label(run: RecordedRun, others: Sequence[RecordedRun] = ()) -> str:
         key
         for key in LABEL_FIELDS
         if key not in NORM_FIELDS
-        and any(not _same(config.get(key), _as_recorded(o.config.get(key))) for o in mine)
+        and any(not _same(config.get(key), o.config.get(key)) for o in mine)
     ]
     if not differing:
         return label
@@ -217,10 +219,6 @@ def run_label(run: RecordedRun, others: Sequence[RecordedRun] = ()) -> str:
         return f"{_preset_of(config)}: {label}"
     shown = ", ".join(f"{key} {_show(config.get(key))}" for key in differing)
     return f"{label}, {shown}"
-
-
-def _as_recorded(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _show(value: Any) -> str:

@@ -182,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         done = checkpoint.saved_epochs(out)
         if done >= config.epochs:
             print(
-                f"{out} is already complete: it holds {done} epochs and --epochs is "
+                f"{out} is already complete: it holds epochs 1-{done} and --epochs is "
                 f"{config.epochs}, so there is nothing to train (give --epochs above {done} to "
                 "train longer)"
             )

@@ -142,7 +142,7 @@ def _tuples(value: Any) -> Any:
 # --- run folders -------------------------------------------------------------------------------
 
 
-def check_output_folder(folder: Path, flag: str = "--out") -> Path:
+def check_output_folder(folder: Path, flag: str = "--out") -> None:
     """Check, before any work whose results would go into ``folder``, that they can be written
     there: the folder, or its nearest existing ancestor, is a writable folder. Creates nothing.
     Raises CheckpointError naming the folder and the cause."""
@@ -159,7 +159,6 @@ def check_output_folder(folder: Path, flag: str = "--out") -> Path:
             f"cannot write into {existing} ({error.strerror or error}): choose a writable folder "
             f"with {flag}"
         ) from None
-    return folder
 
 
 def check_new_run_folder(out: Path) -> None:
@@ -303,17 +302,17 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str
     model.load_state_dict(given)
 
 
-def restore(run: Run, out: Path) -> None:
-    """Put ``run`` back in the state ``out/last.pt`` recorded after its last finished epoch.
+def restore(run: Run, out: Path, state: dict[str, Any] | None = None) -> None:
+    """Put ``run`` back in the state ``out/last.pt`` recorded after its last finished epoch
+    (``state``: that file, if the caller has already read it with :func:`load_resumable`).
 
     On the CPU the resumed run repeats the uninterrupted one exactly. One run has one recipe:
     a config that differs from the checkpoint's in any field but
     :data:`~eva_utils.config.RESUMABLE_CHANGES` is refused.
     """
     path = out / LAST
-    check_resumable_folder(out)
+    state = state if state is not None else load_resumable(out)
     remove_stale_temporaries(out)
-    state = load_checkpoint(path)
     saved = Config.from_dict(state["config"])
     _check_resumable(run, saved, state, out)
     load_weights(run.model, state, path)
@@ -365,10 +364,10 @@ def _flag_value(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
-def resume_config(out: Path) -> Config:
-    """The config the run in ``out`` was started with."""
+def load_resumable(out: Path) -> dict[str, Any]:
+    """``out/last.pt``, after checking that the run in ``out`` can be resumed there."""
     check_resumable_folder(out)
-    return Config.from_dict(load_checkpoint(out / LAST)["config"])
+    return load_checkpoint(out / LAST)
 
 
 def write_metrics(path: Path, config: Config, history: list[dict], env: dict[str, str]) -> None:

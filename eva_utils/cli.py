@@ -176,10 +176,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                 "checkpoint (flags such as --epochs still apply)"
             )
         changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-        saved = checkpoint.resume_config(out)
+        state = checkpoint.load_resumable(out)
+        saved = Config.from_dict(state["config"])
         config = saved.replace(**{k: v for k, v in changes.items() if v is not None})
         checkpoint.check_same_recipe(saved, config, out)
-        done = checkpoint.saved_epochs(out)
+        done = len(state["history"])
         if done >= config.epochs:
             print(
                 f"{out} is already complete: it holds epochs 1-{done} and --epochs is "
@@ -241,10 +242,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from .plots import save_figure
 
     device = select_device(args.device)
-    if args.out is not None:
-        check_output_folder(args.out)
+    out = args.out if args.out is not None else args.run
+    check_output_folder(out)  # creates nothing: a missing run folder is load_run's to report
     run = load_run(args.run)
-    out = check_output_folder(args.out if args.out is not None else args.run)
     test_set = load_test_set(run, args.data)
     report = analyze(
         run, test_set, device=device, erf_images=args.erf_images, progress=not args.quiet

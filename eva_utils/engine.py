@@ -419,14 +419,15 @@ def fit(
     if resume:
         if out is None:
             raise ConfigError("resume needs the run folder (out=...)")
-        checkpoint.check_same_recipe(checkpoint.resume_config(out), config, out)
+        state = checkpoint.load_resumable(out)
+        checkpoint.check_same_recipe(Config.from_dict(state["config"]), config, out)
     elif out is not None:
         checkpoint.check_new_run_folder(out)
     run: Run | None = None
     with checkpoint.interruptible(out, lambda: len(run.history) + 1 if run else 1):
         run = Run(config, datasets, progress)
         if resume:
-            checkpoint.restore(run, out)
+            checkpoint.restore(run, out, state)
         elif out is not None:
             checkpoint.prepare_run_folder(out)
         bar = tqdm(

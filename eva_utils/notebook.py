@@ -218,8 +218,9 @@ def _locate(path: str | None) -> str | None:
     root, where the command ran. None (CIFAR-10's download) if it is nowhere to be found."""
     if path in (None, SYNTHETIC) or Path(path).exists():
         return path
-    found = [root / path for root in _search_roots() if (root / path).exists()]
-    return str(found[0]) if found and not Path(path).is_absolute() else None
+    if Path(path).is_absolute():
+        return None
+    return next((str(root / path) for root in _search_roots() if (root / path).exists()), None)
 
 
 def compare_with_reference(history: list[dict], config: Config, reference: RecordedRun) -> str:

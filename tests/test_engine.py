@@ -94,7 +94,8 @@ def test_fit_runs_every_epoch_and_writes_a_valid_run_folder(tmp_path):
 
 
 def test_fit_learns_the_synthetic_task():
-    config = Config(data="synthetic", train_size=256, test_size=128, batch_size=16, epochs=3,
+    # 5 epochs: 3 reached 0.48 in fp32 on an AVX2 CPU (bf16 CPUs passed); 5 reach 1.0 there.
+    config = Config(data="synthetic", train_size=256, test_size=128, batch_size=16, epochs=5,
                     lr=0.05, schedule="onecycle", norm="bn", dropout=0.0)  # fmt: skip
     history = fit(config, progress=False)
     assert history[-1]["test_acc"] > 0.5  # chance is 0.1

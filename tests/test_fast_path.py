@@ -89,16 +89,30 @@ def test_channels_last_gives_the_same_fp32_epoch():
     nchw = Run(config, progress=False)
     nhwc = Run(config.replace(channels_last=True), progress=False)
     assert next(nhwc.model.parameters()).is_contiguous(memory_format=torch.channels_last)
-    start = flat_weights(nchw.model)
     plain, fast = nchw.train_epoch(1), nhwc.train_epoch(1)
-    # Other convolution kernels round differently: the losses agree to float precision...
-    torch.testing.assert_close(fast["loss"], plain["loss"], rtol=1e-5, atol=0)
     assert fast["acc"] == plain["acc"]
-    # ...and the weights to a small fraction of how far training moved them (an activation
-    # within rounding of a ReLU's kink passes its gradient in one run and not in the other).
-    moved = flat_weights(nchw.model) - start
-    apart = flat_weights(nhwc.model) - flat_weights(nchw.model)
-    assert apart.norm() < 0.05 * moved.norm()
+    # Other convolution kernels round differently, and an epoch amplifies rounding (an
+    # activation within rounding of a ReLU's kink passes its gradient in one run and not in the
+    # other). So the bound is measured here, on this CPU: channels_last may move the loss and
+    # the weights as far as nudging the plain run's starting weights by one float32 ulp does
+    # (the farthest of three nudges, times 3 for the spread between nudges).
+    nudged = [_nudged_epoch(config, seed) for seed in range(3)]
+    loss_noise = max(abs(loss - plain["loss"]) for loss, _ in nudged)
+    weight_noise = max((weights - flat_weights(nchw.model)).norm() for _, weights in nudged)
+    assert abs(fast["loss"] - plain["loss"]) <= 3 * loss_noise
+    assert (flat_weights(nhwc.model) - flat_weights(nchw.model)).norm() <= 3 * weight_noise
+
+
+def _nudged_epoch(config: Config, seed: int) -> tuple[float, torch.Tensor]:
+    """(training loss, weights after) of one epoch that starts from every weight moved by about
+    one float32 ulp."""
+    run = Run(config, progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.mul_(1 + torch.finfo(p.dtype).eps * torch.randn(p.shape, generator=generator))
+    loss = run.train_epoch(1)["loss"]
+    return loss, flat_weights(run.model)
 
 
 def test_device_and_torchvision_loaders_give_the_same_test_metrics():

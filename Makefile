@@ -49,8 +49,8 @@ notebook-outputs: $(STAMP)
 	cd notebooks && EVA_EPOCHS=3 EVA_DATA=../$(NOTEBOOK_DATA) EVA_TRAIN_SIZE=5000 EVA_TEST_SIZE=1000 \
 		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1800 session8_resnet18_gbn.ipynb receptive_fields.ipynb
-	$(PY) -c "from eva_utils.notebook import strip_progress_bars as s; \
-		[s(f'notebooks/{n}.ipynb') for n in ('session8_resnet18_gbn', 'receptive_fields')]"
+	$(PY) notebooks/strip_progress_bars.py notebooks/session8_resnet18_gbn.ipynb \
+		notebooks/receptive_fields.ipynb
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/throughput.py

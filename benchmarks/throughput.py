@@ -38,10 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eva_utils import checkpoint
 from eva_utils.config import Config, get_preset
 from eva_utils.data import ImageSet, balanced_subset, load_cifar10, synthetic_cifar10
-from eva_utils.engine import Run, build_model, build_optimizer, select_device
+from eva_utils.engine import Run, build_model, build_optimizer, environment, select_device
 from eva_utils.loaders import DeviceLoader, torchvision_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +223,7 @@ def load_average() -> str:
 
 
 def hardware(device: torch.device) -> str:
-    name = checkpoint.environment(device)["device_name"]
+    name = environment(device)["device_name"]
     if device.type == "cpu":
         name += f", {torch.get_num_threads()} torch threads"
     return name

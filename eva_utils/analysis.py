@@ -20,23 +20,18 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from . import checkpoint
 from .config import Config
 from .data import HINT, ImageSet
 from .engine import batch_bar, build_model, load_datasets, predict
-from .errors import CheckpointError, DataError
+from .errors import DataError, RunFileError
+from .files import atomic_write_text, read_json
 from .loaders import DeviceLoader
-from .plots import plot_image_grid
-from .receptive_field import (
-    RFRow,
-    effective_receptive_field,
-    layer_field,
-    plot_erf,
-)
+from .plots import plot_confusion_matrix, plot_erf, plot_misclassified, plot_per_class_accuracy
+from .receptive_fields import RFRow, effective_receptive_field, layer_field
+from .runfolder import BEST, load_checkpoint, load_weights
 
 BATCH_SIZE = 500  # evaluation batch: no gradients, so larger than a training batch
 ERF_IMAGES = 128  # images averaged for each effective receptive field
-GALLERY_SIZE = 32
 FIGURE_NAMES = {
     "misclassified": "misclassified.png",
     "confusion_matrix": "confusion_matrix.png",
@@ -150,82 +145,11 @@ def per_class_accuracy(matrix: Tensor) -> Tensor:
     return torch.where(totals > 0, correct / totals.clamp(min=1), torch.nan)
 
 
-# --- drawing -----------------------------------------------------------------------------------
-
-
-def plot_misclassified(
-    mistakes: Mistakes, classes: Sequence[str], *, count: int = GALLERY_SIZE, columns: int = 8
-) -> Figure:
-    """The ``count`` most confident mistakes, titled "true → predicted (confidence)"."""
-    if mistakes.images is None:
-        raise ValueError("these mistakes have no images: look them up with with_images(data)")
-    shown = min(count, len(mistakes))
-    titles = [
-        f"{classes[t]} →\n{classes[p]} ({c:.0%})"
-        for t, p, c in zip(
-            mistakes.labels[:shown].tolist(), mistakes.predicted[:shown].tolist(),
-            mistakes.confidence[:shown].tolist(),
-        )
-    ]  # fmt: skip
-    return plot_image_grid(
-        mistakes.images[:shown], titles, normalized=mistakes.normalized,
-        columns=min(columns, max(shown, 1)), title_colors=["tab:red"] * shown,
-        title=f"Misclassified: {shown} most confident of {len(mistakes)} (true → predicted)",
-    )  # fmt: skip
-
-
-def plot_confusion_matrix(matrix: Tensor, classes: Sequence[str], title: str = "") -> Figure:
-    """Counts in each cell; colour = fraction of the true class (the row), so that classes of
-    different sizes compare."""
-    counts = matrix.cpu()
-    fractions = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
-    ax = fig.add_subplot()
-    shown = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for (row, col), count in zip(
-        torch.cartesian_prod(torch.arange(len(classes)), torch.arange(len(classes))).tolist(),
-        counts.flatten().tolist(),
-    ):
-        color = "white" if fractions[row, col] > 0.5 else "black"
-        ax.text(col, row, str(count), ha="center", va="center", fontsize=8, color=color)
-    ticks = range(len(classes))
-    ax.set_xticks(ticks, classes, rotation=45, ha="right")
-    ax.set_yticks(ticks, classes)
-    accuracy = counts.diagonal().sum() / max(int(counts.sum()), 1)
-    ax.set(
-        xlabel="predicted class",
-        ylabel="true class",
-        title=title or f"Confusion matrix (accuracy {accuracy:.2%})",
-    )
-    fig.colorbar(shown, ax=ax, shrink=0.8, label="fraction of the true class")
-    return fig
-
-
-def plot_per_class_accuracy(
-    accuracy: Tensor, classes: Sequence[str], overall: float | None = None, title: str = ""
-) -> Figure:
-    """Accuracy of each class in percent, with the overall accuracy as a line."""
-    percent = (100 * accuracy.double()).nan_to_num(0.0).tolist()
-    fig = Figure(figsize=(7, 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.bar(range(len(classes)), percent, color="tab:blue")
-    for x, value in enumerate(percent):
-        ax.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom", fontsize=8)
-    if overall is not None:
-        ax.axhline(
-            100 * overall, color="tab:red", linestyle=":", label=f"all classes: {overall:.2%}"
-        )
-        ax.legend(loc="lower left", bbox_to_anchor=(0, 1), fontsize=8, frameon=False)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set(title=title or "Accuracy per class", ylabel="accuracy (%)", ylim=(0, 108))
-    return fig
-
-
 # --- a trained run -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class TrainedRun:
+class TrainedModel:
     """The best epoch of a run folder, rebuilt: its config, classes and model (eval mode); or an
     untrained model (``folder`` None, epoch 0)."""
 
@@ -237,33 +161,33 @@ class TrainedRun:
     test_acc: float
 
 
-def load_run(folder: str | Path) -> TrainedRun:
-    """Rebuild ``folder/best.pt``'s model on the CPU. Raises CheckpointError with the fix."""
+def load_trained_model(folder: str | Path) -> TrainedModel:
+    """Rebuild ``folder/best.pt``'s model on the CPU. Raises RunFileError with the fix."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(
+        raise RunFileError(
             f"run folder {folder} does not exist: train one with "
             f"python -m eva_utils train --out {folder}"
         )
-    path = folder / checkpoint.BEST
-    state = checkpoint.load_checkpoint(path)
+    path = folder / BEST
+    state = load_checkpoint(path)
     config = Config.from_dict(state["config"])
     model = build_model(config, len(state["classes"]))
-    checkpoint.load_weights(model, state, path)
-    return TrainedRun(
+    load_weights(model, state, path)
+    return TrainedModel(
         folder, config, tuple(state["classes"]), model.eval(), state["epoch"], state["test_acc"]
     )
 
 
-def untrained_run(config: Config, classes: Sequence[str]) -> TrainedRun:
-    """``config``'s model with fresh weights from its seed, as a TrainedRun of epoch 0."""
+def untrained_model(config: Config, classes: Sequence[str]) -> TrainedModel:
+    """``config``'s model with fresh weights from its seed, as a TrainedModel of epoch 0."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_model(config, len(classes)).eval()
-    return TrainedRun(None, config, tuple(classes), model, 0, math.nan)
+    return TrainedModel(None, config, tuple(classes), model, 0, math.nan)
 
 
-def load_test_set(run: TrainedRun, data: str | None = None) -> ImageSet:
+def load_test_set(run: TrainedModel, data: str | None = None) -> ImageSet:
     """The run's test set: same data source and test subset as its config, unless ``data``
     names another source (the subset size and seed stay the run's)."""
     config = run.config if data is None else run.config.replace(data=str(data))
@@ -406,48 +330,38 @@ def save_report(report: Report, path: str | Path, caption: str = "") -> Path:
     """Write ``report``'s numbers and the figures' ``caption`` as JSON (tens of kB for CIFAR-10,
     no pixels), for :func:`load_report` and the ``figures`` command to redraw the figures."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     values = {"format": REPORT_FORMAT, "caption": caption, **report.to_dict()}
-    path.write_text(_to_json(values) + "\n")
+    atomic_write_text(path, _to_json(values) + "\n")
     return path
 
 
 def load_report(path: str | Path) -> tuple[Report, str]:
     """(report, caption) from a file :func:`save_report` wrote; the report's mistakes have no
-    images until :meth:`Report.with_images`. Raises CheckpointError for an unusable file."""
+    images until :meth:`Report.with_images`. Raises RunFileError for an unusable file."""
     path = Path(path)
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path} does not exist: python -m eva_utils analyze runs/NAME writes one"
-        ) from None
-    except OSError as error:
-        raise CheckpointError(f"cannot read {path} ({error.strerror}): is it a file?") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    values = read_json(path, "python -m eva_utils analyze runs/NAME writes one")
     if not isinstance(values, dict) or values.get("format") != REPORT_FORMAT:
-        raise CheckpointError(
+        raise RunFileError(
             f"{path} is not an eva8 {REPORT_NAME} (format {REPORT_FORMAT}): write it again with "
             "python -m eva_utils analyze runs/NAME"
         )
     try:
         return Report.from_dict(values), str(values.get("caption", ""))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(
+        raise RunFileError(
             f"{path} is not a complete {REPORT_NAME} ({error.__class__.__name__}: {error}): "
             "write it again with python -m eva_utils analyze runs/NAME"
         ) from None
 
 
-def untrained_like(run: TrainedRun) -> nn.Module:
+def untrained_like(run: TrainedModel) -> nn.Module:
     """The run's architecture with fresh weights drawn from the run's seed (the global random
     state is left as it was)."""
-    return untrained_run(run.config, run.classes).model
+    return untrained_model(run.config, run.classes).model
 
 
 def analyze(
-    run: TrainedRun,
+    run: TrainedModel,
     test_set: ImageSet,
     *,
     device: torch.device | str = "cpu",

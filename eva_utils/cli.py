@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import sys
-import threading
 import typing
 from pathlib import Path
 
 from .config import PRESETS, Config, get_preset, parse_field
 from .errors import ConfigError, EvaError, Interrupted
+from .files import check_output_folder
+from .signals import sigterm_as_interrupt
 
 PROG = "eva8"
 DEFAULT_PRESET = "session8"
@@ -162,9 +162,10 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from . import checkpoint
-    from .engine import fit, summarize_history
+    from .engine import fit
     from .plots import save_history_figures
+    from .results import summarize_history, target_reached
+    from .runfolder import BEST, LAST, METRICS, RunFolder
 
     if args.resume is not None:
         out = args.resume
@@ -175,17 +176,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--preset cannot change a resumed run: {out} continues with the settings in its "
                 "checkpoint (flags such as --epochs still apply)"
             )
+        folder = RunFolder.open(out, resume=True)
         changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-        state = checkpoint.load_resumable(out)
-        saved = Config.from_dict(state["config"])
-        config = saved.replace(**{k: v for k, v in changes.items() if v is not None})
-        checkpoint.check_same_recipe(saved, config, out)
-        done = len(state["history"])
-        if done >= config.epochs:
+        config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
+        if folder.epochs_done >= config.epochs:
             print(
-                f"{out} is already complete: it holds epochs 1-{done} and --epochs is "
-                f"{config.epochs}, so there is nothing to train (give --epochs above {done} to "
-                "train longer)"
+                f"{out} is already complete: it holds epochs 1-{folder.epochs_done} and --epochs "
+                f"is {config.epochs}, so there is nothing to train (give --epochs above "
+                f"{folder.epochs_done} to train longer)"
             )
             return
     elif args.out is None:
@@ -193,27 +191,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         out, config = args.out, config_from_args(args)
         # Before loading any data: refusing takes a second, not a data set's loading time.
-        checkpoint.check_new_run_folder(out)
-    history = fit(config, out=out, resume=args.resume is not None, progress=not args.quiet)
+        folder = RunFolder.open(out)
+    history = fit(config, out=folder, progress=not args.quiet)
     figures = save_history_figures(history, out)
     s = summarize_history(history)
-    reached = f"epoch {s['target_epoch']}" if s["target_epoch"] else "not reached"
     print(
         f"best test accuracy {s['best_acc']:.2%} (epoch {s['best_epoch']}), "
-        f"final {s['final_acc']:.2%}; {s['target']:.0%} target: {reached}; "
+        f"final {s['final_acc']:.2%}; {s['target']:.0%} target: {target_reached(s)}; "
         f"{s['seconds_per_epoch']:.1f} s/epoch"
     )
-    print(f"wrote {out / checkpoint.METRICS}, {out / checkpoint.BEST}, {out / checkpoint.LAST}, "
+    print(f"wrote {out / METRICS}, {out / BEST}, {out / LAST}, "
           + ", ".join(str(p) for p in figures))  # fmt: skip
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from . import checkpoint
     from .plots import save_history_figures
+    from .results import describe_run
+    from .runfolder import read_metrics
 
-    checkpoint.check_output_folder(args.out)
-    metrics = checkpoint.read_metrics(args.metrics)
-    caption = args.caption if args.caption is not None else checkpoint.describe_run(metrics)
+    check_output_folder(args.out)
+    metrics = read_metrics(args.metrics)
+    caption = args.caption if args.caption is not None else describe_run(metrics)
     for path in save_history_figures(metrics["history"], args.out, caption):
         print(f"wrote {path}")
 
@@ -221,7 +219,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_rf(args: argparse.Namespace) -> None:
     from .engine import build_model
     from .model import resnet18
-    from .receptive_field import print_receptive_field
+    from .receptive_fields import print_receptive_field
 
     model = resnet18() if args.preset is None else build_model(get_preset(args.preset))
     print_receptive_field(model)
@@ -233,18 +231,19 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         REPORT_NAME,
         analyze,
         load_report,
-        load_run,
         load_test_set,
+        load_trained_model,
         save_report,
     )
-    from .checkpoint import check_output_folder
     from .engine import select_device
     from .plots import save_figure
 
     device = select_device(args.device)
     out = args.out if args.out is not None else args.run
-    check_output_folder(out)  # creates nothing: a missing run folder is load_run's to report
-    run = load_run(args.run)
+    check_output_folder(
+        out
+    )  # creates nothing: a missing run folder is load_trained_model's to report
+    run = load_trained_model(args.run)
     test_set = load_test_set(run, args.data)
     report = analyze(
         run, test_set, device=device, erf_images=args.erf_images, progress=not args.quiet
@@ -265,14 +264,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
-    from . import checkpoint
     from .analysis import FIGURE_NAMES, REPORT_NAME, load_report, recorded_test_set
     from .errors import DataError
     from .plots import save_figure, save_history_figures
+    from .results import describe_run
+    from .runfolder import METRICS, read_metrics
 
-    checkpoint.check_output_folder(args.out)
-    metrics = checkpoint.read_metrics(args.results / checkpoint.METRICS)
-    paths = save_history_figures(metrics["history"], args.out, checkpoint.describe_run(metrics))
+    check_output_folder(args.out)
+    metrics = read_metrics(args.results / METRICS)
+    paths = save_history_figures(metrics["history"], args.out, describe_run(metrics))
     report_path = args.results / REPORT_NAME
     if report_path.is_file():
         report, caption = load_report(report_path)
@@ -291,7 +291,6 @@ def cmd_figures(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .checkpoint import check_output_folder
     from .plots import save_figure
     from .results import compare
 
@@ -308,21 +307,15 @@ COMMANDS = {
 }  # fmt: skip
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Errors a user can fix print one line (exit 2); Ctrl-C and SIGTERM exit
     130, from the first moment on (training prints how to resume what it saved)."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     debug, command = False, "train"
     try:
-        args = build_parser().parse_args(argv)
-        debug, command = args.debug, args.command
-        COMMANDS[command](args)
+        with sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            debug, command = args.debug, args.command
+            COMMANDS[command](args)
     except Interrupted as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 130
@@ -339,7 +332,4 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
     return 0

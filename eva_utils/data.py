@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import DataError, DataFileError
+from .files import atomic_rename, atomic_write, make_scratch_folder, remove_dead_scratch
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -109,7 +109,7 @@ def _decoded_archive(
     if decoded.is_file():
         state = torch.load(decoded, weights_only=True)
         return tuple(ImageSet(s["images"], s["labels"], tuple(s["classes"])) for s in state)
-    _remove_dead_scratch(folder)
+    remove_dead_scratch(folder)
     try:
         sets = _image_folder_pair(_find_split_root(folder))
     except DataFileError as error:
@@ -118,12 +118,8 @@ def _decoded_archive(
         raise DataError(
             f"{member} in {archive} {error.problem}: fix or re-download the archive"
         ) from error
-    scratch = decoded.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(
-        [{"images": s.images, "labels": s.labels, "classes": list(s.classes)} for s in sets],
-        scratch,
-    )
-    os.replace(scratch, decoded)
+    tensors = [{"images": s.images, "labels": s.labels, "classes": list(s.classes)} for s in sets]
+    atomic_write(decoded, lambda file: torch.save(tensors, file))
     return sets
 
 
@@ -165,18 +161,16 @@ def extract_archive(archive: Path, cache_dir: str | os.PathLike | None = None) -
     if not tarfile.is_tarfile(archive):
         raise DataError(f"{archive} is not a .tar or .tar.gz archive: {HINT}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_scratch(target.parent)
+    remove_dead_scratch(target.parent)
     # Extract beside the target and rename, so an interrupted extraction is never mistaken
     # for a finished one; the process id in the name tells whose scratch it is.
-    scratch = Path(
-        tempfile.mkdtemp(prefix=f".{name}-", suffix=f".{os.getpid()}.tmp", dir=target.parent)
-    )
+    scratch = make_scratch_folder(target.parent, f".{name}-")
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(scratch, filter="data")
         (scratch / MANIFEST).write_text(json.dumps({"images": _count_images(scratch)}))
         try:
-            scratch.rename(target)
+            atomic_rename(scratch, target)
         except OSError:
             if not _cache_is_complete(target):
                 raise
@@ -222,33 +216,6 @@ def _count_images(folder: Path) -> int:
     if root is None:
         return 0
     return sum(len(_list_images(root / split)[1]) for split in ("train", "test"))
-
-
-def _remove_dead_scratch(folder: Path) -> None:
-    """Remove the scratch (``.<name>.<pid>.tmp``) that killed processes left in ``folder``: a
-    ``kill -9`` or a power cut skips the clean-up, and each copy of CIFAR-10 is ~200 MB."""
-    for scratch in folder.glob(".*.tmp"):
-        pid = scratch.name.split(".")[-2]
-        if not pid.isdigit() or process_exists(int(pid)):
-            continue
-        if scratch.is_dir():
-            shutil.rmtree(scratch, ignore_errors=True)
-        else:
-            scratch.unlink(missing_ok=True)
-
-
-def process_exists(pid: int) -> bool:
-    """Whether process ``pid`` is running on this machine."""
-    # On Windows os.kill(pid, 0) would terminate the process: treat every process as alive.
-    if os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
 
 
 def _split_root(path: Path) -> Path | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import platform
 import random
 import time
@@ -22,15 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
-from . import checkpoint
-from .config import TARGET_ACCURACY, Config, divergence_advice
+from .config import Config, divergence_advice
 from .data import ImageSet, balanced_subset, load_cifar10, synthetic_cifar10
-from .errors import ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from .loaders import DeviceLoader, torchvision_loader
 from .model import ARCHITECTURES
 from .progress import tqdm
+from .runfolder import LAST, RunFolder, load_weights
+from .signals import sigterm_as_interrupt
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 REFRESH_EVERY = 20  # steps between progress-bar updates (each one reads the loss from the device)
@@ -124,6 +127,48 @@ def batch_bar(
     return tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
 
 
+class EpochMeter:
+    """Loss and accuracy of an epoch, summed on the device: updating it never waits for the
+    GPU; :meth:`check_finite` and :meth:`result` read it back (once per epoch, or per progress
+    refresh)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+        self.images = 0
+        self.steps = 0
+
+    def update(self, loss_sum: Tensor, logits: Tensor, labels: Tensor) -> None:
+        """Add a batch: ``loss_sum`` is its loss summed over its images."""
+        loss_sum = loss_sum.detach().float()
+        self.loss_sum += loss_sum
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.first_bad = torch.where(
+            (self.first_bad < 0) & ~loss_sum.isfinite(), self.steps, self.first_bad
+        )
+        self.images += len(labels)
+        self.steps += 1
+
+    def check_finite(self, desc: str) -> None:
+        """Raise :class:`TrainingDiverged` naming the first batch whose loss was not finite."""
+        step = int(self.first_bad)
+        if step >= 0:
+            raise TrainingDiverged(f"the loss became NaN or infinite in {desc}, step {step + 1}")
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum.item() / max(self.images, 1)
+
+    def result(self) -> dict[str, float]:
+        """``{"loss": mean loss per image, "acc": fraction in [0, 1], "images": count}``."""
+        return {
+            "loss": self.loss,
+            "acc": self.correct.item() / max(self.images, 1),
+            "images": self.images,
+        }
+
+
 def train(
     model: nn.Module,
     loader: Iterable[tuple[Tensor, Tensor]],
@@ -146,10 +191,7 @@ def train(
     """
     device = torch.device(device)
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    first_bad = torch.full((), -1, device=device, dtype=torch.int64)
-    seen = 0
+    meter = EpochMeter(device)
     bar = batch_bar(loader, max_batches=max_batches, desc=desc, progress=progress)
     for step, batch in enumerate(bar):
         images, labels = _to_device(batch, device, channels_last)
@@ -166,27 +208,12 @@ def train(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        # Metrics stay on the device: no host synchronisation per step.
-        loss = loss.detach().float()
-        loss_sum += loss * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step, first_bad)
-        seen += len(labels)
+        meter.update(loss * len(labels), logits, labels)
         if progress and step % REFRESH_EVERY == REFRESH_EVERY - 1:
-            _check_finite(first_bad, desc)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", refresh=False)
-    _check_finite(first_bad, desc)
-    return {
-        "loss": loss_sum.item() / max(seen, 1),
-        "acc": correct.item() / max(seen, 1),
-        "images": seen,
-    }
-
-
-def _check_finite(first_bad: Tensor, desc: str) -> None:
-    step = int(first_bad)
-    if step >= 0:
-        raise TrainingDiverged(f"the loss became NaN or infinite in {desc}, step {step + 1}")
+            meter.check_finite(desc)
+            bar.set_postfix(loss=f"{meter.loss:.3f}", refresh=False)
+    meter.check_finite(desc)
+    return meter.result()
 
 
 @torch.no_grad()
@@ -206,27 +233,20 @@ def test(
     """Evaluate in eval mode. The loss is averaged over images, not batches.
 
     With ``tta_flip`` the logits are the mean of the image's and its mirror image's.
-    Returns ``{"loss", "acc" (fraction in [0, 1]), "images"}``.
+    Returns ``{"loss", "acc" (fraction in [0, 1]), "images"}``; the loss may be NaN (a diverged
+    model): the caller decides what that means.
     """
     device = torch.device(device)
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    meter = EpochMeter(device)
     for batch in batch_bar(loader, max_batches=max_batches, desc=desc, progress=progress):
         images, labels = _to_device(batch, device, channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images).float()
             if tta_flip:
                 logits = (logits + model(images.flip(3)).float()) / 2
-        loss_sum += loss_fn(logits, labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-    return {
-        "loss": loss_sum.item() / max(seen, 1),
-        "acc": correct.item() / max(seen, 1),
-        "images": seen,
-    }
+        meter.update(loss_fn(logits, labels, reduction="sum"), logits, labels)
+    return meter.result()
 
 
 @torch.no_grad()
@@ -325,7 +345,12 @@ def build_loaders(
 
 
 class Run:
-    """Everything one training run needs, built from a Config (used by :func:`fit`)."""
+    """Everything one training run needs, built from a Config (used by :func:`fit`).
+
+    Like every torch object it saves and restores itself through :meth:`state_dict` and
+    :meth:`load_state_dict`: model, optimizer, scheduler, gradient scaler, every random state
+    and the history, enough to continue exactly where it stopped.
+    """
 
     def __init__(
         self,
@@ -348,7 +373,8 @@ class Run:
         self.model = build_model(config, len(self.classes)).to(
             self.device, memory_format=memory_format
         )
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        # What train and test call: the model itself, or its compiled version (same weights).
+        self.compiled = torch.compile(self.model) if config.compile else self.model
         self.amp_dtype = autocast_dtype(self.device, config.amp)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
@@ -367,27 +393,69 @@ class Run:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         per_step = self.scheduler if self.config.schedule == "onecycle" else None
-        try:
-            result = train(
-                self.forward, self.train_loader, self.optimizer, device=self.device,
-                loss_fn=self.loss_fn, scheduler=per_step, scaler=self.scaler,
-                amp_dtype=self.amp_dtype, channels_last=self.config.channels_last,
-                max_batches=self.config.max_batches, progress=self.progress,
-                desc=f"epoch {epoch} train",
-            )  # fmt: skip
-        except TrainingDiverged as error:  # train() knows the step; the config knows the cause
-            raise TrainingDiverged(f"{error}: {divergence_advice(self.config)}") from None
+        result = train(
+            self.compiled, self.train_loader, self.optimizer, device=self.device,
+            loss_fn=self.loss_fn, scheduler=per_step, scaler=self.scaler,
+            amp_dtype=self.amp_dtype, channels_last=self.config.channels_last,
+            max_batches=self.config.max_batches, progress=self.progress,
+            desc=f"epoch {epoch} train",
+        )  # fmt: skip
         if per_step is None:
             self.scheduler.step()
         return result
 
     def test_epoch(self, epoch: int | None = None) -> dict[str, float]:
         return test(
-            self.forward, self.test_loader, device=self.device, amp_dtype=self.amp_dtype,
+            self.compiled, self.test_loader, device=self.device, amp_dtype=self.amp_dtype,
             channels_last=self.config.channels_last, tta_flip=self.config.tta_flip,
             max_batches=self.config.max_batches, progress=self.progress,
             desc=f"epoch {epoch} test" if epoch else "test",
         )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's whole state, as ``last.pt`` stores it."""
+        return {
+            "config": self.config.to_dict(),
+            "classes": list(self.classes),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(self.generator),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (:meth:`state_dict` of a run of the same recipe: the run
+        folder checks that). On the CPU the continued run repeats the uninterrupted one
+        exactly. Raises CheckpointError when this run cannot take the state."""
+        if list(state["classes"]) != list(self.classes):
+            raise CheckpointError(
+                f"the run was trained on the classes {list(state['classes'])}, the data now has "
+                f"{list(self.classes)}: resume with the run's own data (--data)"
+            )
+        if self.config.schedule == "onecycle":
+            saved_steps = state["scheduler"].get("total_steps")
+            if saved_steps != self.scheduler.total_steps:
+                raise CheckpointError(
+                    f"the run follows a onecycle schedule of {saved_steps} steps "
+                    f"({state['config']['epochs']} epochs); these settings need "
+                    f"{self.scheduler.total_steps}: a onecycle run cannot be lengthened or "
+                    "re-batched, so keep --epochs, --batch-size, --train-size and --max-batches, "
+                    "or start a new run with --out"
+                )
+        load_weights(self.model, state, "the checkpoint")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"]:  # empty when saved without a gradient scaler (CPU, bf16)
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"], self.generator)
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise CheckpointError(
+                f"the run cannot be resumed with these settings ({error})"
+            ) from None
+        self.history = list(state["history"])
 
 
 def _cross_entropy(label_smoothing: float) -> LossFn:
@@ -397,10 +465,65 @@ def _cross_entropy(label_smoothing: float) -> LossFn:
     return loss_fn
 
 
+# --- random state and environment, as a run records them ---------------------------------------
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Python's, NumPy's, torch's (CPU and CUDA) and ``generator``'s random states."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loader": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["loader"])
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Versions and hardware, recorded in metrics.json beside the numbers."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name() or platform.processor() or device.type
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": name,
+    }
+
+
+def _cpu_name() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return None
+
+
+# --- a whole run -------------------------------------------------------------------------------
+
+
 def fit(
     config: Config,
     *,
-    out: str | Path | None = None,
+    out: str | Path | RunFolder | None = None,
     resume: bool = False,
     datasets: tuple[ImageSet, ImageSet] | None = None,
     progress: bool = True,
@@ -414,61 +537,96 @@ def fit(
     checkpoint of the last finished epoch stays, and :class:`~eva_utils.errors.Interrupted` says
     how to resume.
     """
-    out = Path(out) if out is not None else None
-    # Refuse an unusable run folder before loading data or building the model.
-    if resume:
-        if out is None:
-            raise ConfigError("resume needs the run folder (out=...)")
-        state = checkpoint.load_resumable(out)
-        checkpoint.check_same_recipe(Config.from_dict(state["config"]), config, out)
-    elif out is not None:
-        checkpoint.check_new_run_folder(out)
-    run: Run | None = None
-    with checkpoint.interruptible(out, lambda: len(run.history) + 1 if run else 1):
-        run = Run(config, datasets, progress)
-        if resume:
-            checkpoint.restore(run, out, state)
-        elif out is not None:
-            checkpoint.prepare_run_folder(out)
-        bar = tqdm(
-            range(len(run.history) + 1, config.epochs + 1), desc="epochs",
-            initial=len(run.history), total=config.epochs, disable=not progress,
-        )  # fmt: skip
-        for epoch in bar:
-            started = time.perf_counter()
-            lr = run.optimizer.param_groups[0]["lr"]
-            trained = run.train_epoch(epoch)
-            tested = run.test_epoch(epoch)
-            row = {
-                "epoch": epoch,
-                "train_loss": trained["loss"],
-                "train_acc": trained["acc"],
-                "test_loss": tested["loss"],
-                "test_acc": tested["acc"],
-                "lr": lr,
-                "seconds": time.perf_counter() - started,
-            }
-            run.history.append(row)
-            bar.set_postfix(test_acc=f"{tested['acc']:.2%}", loss=f"{tested['loss']:.3f}")
-            if out is not None:
-                checkpoint.save(run, out)
-            if on_epoch is not None:
-                on_epoch(row)
+    folder = _open_run_folder(out, resume, config)  # before loading data: refusing is instant
+    run = None
+    with sigterm_as_interrupt():
+        try:
+            run = Run(config, datasets, progress)
+            if folder is not None:
+                if folder.state is not None:
+                    run.load_state_dict(folder.state)
+                folder.start()
+            bar = tqdm(
+                range(len(run.history) + 1, config.epochs + 1), desc="epochs",
+                initial=len(run.history), total=config.epochs, disable=not progress,
+            )  # fmt: skip
+            for epoch in bar:
+                row = _train_and_test(run, epoch)
+                bar.set_postfix(test_acc=f"{row['test_acc']:.2%}", loss=f"{row['test_loss']:.3f}")
+                if folder is not None:
+                    folder.save(run.state_dict(), environment(run.device))
+                if on_epoch is not None:
+                    on_epoch(row)
+        except KeyboardInterrupt:
+            raise _interrupted(folder, len(run.history) + 1 if run else 1) from None
+        except TrainingDiverged as error:
+            raise _diverged(error, config, folder) from None
     return run.history
 
 
-def summarize_history(
-    history: list[dict[str, Any]], target: float = TARGET_ACCURACY
-) -> dict[str, Any]:
-    """Best and final test accuracy, and the first epoch that reached ``target`` (None if never)."""
-    best = max(history, key=lambda row: row["test_acc"])
-    reached = next((row["epoch"] for row in history if row["test_acc"] >= target), None)
-    return {
-        "best_acc": best["test_acc"],
-        "best_epoch": best["epoch"],
-        "final_acc": history[-1]["test_acc"],
-        "epochs": len(history),
-        "target": target,
-        "target_epoch": reached,
-        "seconds_per_epoch": sum(row["seconds"] for row in history) / len(history),
+def _open_run_folder(
+    out: str | Path | RunFolder | None, resume: bool, config: Config
+) -> RunFolder | None:
+    if isinstance(out, RunFolder):  # opened and checked by the caller (the CLI)
+        return out
+    if out is None:
+        if resume:
+            raise ConfigError("resume needs the run folder (out=...)")
+        return None
+    folder = RunFolder.open(out, resume=resume)
+    folder.check_recipe(config)
+    return folder
+
+
+def _train_and_test(run: Run, epoch: int) -> dict[str, Any]:
+    """One epoch of ``run``, appended to its history; the test loss must be finite."""
+    started = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    trained = run.train_epoch(epoch)
+    tested = run.test_epoch(epoch)
+    if not math.isfinite(tested["loss"]):
+        raise TrainingDiverged(
+            f"the test loss became NaN or infinite after epoch {epoch} (the weights diverged "
+            "in its last steps)"
+        )
+    row = {
+        "epoch": epoch,
+        "train_loss": trained["loss"],
+        "train_acc": trained["acc"],
+        "test_loss": tested["loss"],
+        "test_acc": tested["acc"],
+        "lr": lr,
+        "seconds": time.perf_counter() - started,
     }
+    run.history.append(row)
+    return row
+
+
+def _interrupted(folder: RunFolder | None, epoch: int) -> Interrupted:
+    """What Ctrl-C or SIGTERM in ``epoch`` leaves, and how to continue."""
+    if folder is None:
+        return Interrupted(
+            f"stopped in epoch {epoch}; without a run folder (out=...) there is nothing to resume"
+        )
+    # Count the epochs last.pt really holds: the signal may have come during its write.
+    saved = folder.saved_epochs()
+    if not saved:
+        return Interrupted("stopped in epoch 1; no epoch had finished, nothing to resume")
+    return Interrupted(
+        f"stopped in epoch {saved + 1}; {folder.path / LAST} holds epochs 1-{saved}: "
+        f"resume with: python -m eva_utils train --resume {folder.path}"
+    )
+
+
+def _diverged(
+    error: TrainingDiverged, config: Config, folder: RunFolder | None
+) -> TrainingDiverged:
+    """The divergence, with what to change and what the run folder still holds."""
+    message = f"{error}: {divergence_advice(config)}"
+    saved = folder.saved_epochs() if folder is not None else 0
+    if saved:
+        message += (
+            f", in a new run (a run keeps its recipe); {folder.path / LAST} keeps epochs "
+            f"1-{saved}, the last good ones"
+        )
+    return TrainingDiverged(message)

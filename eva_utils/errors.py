@@ -13,8 +13,13 @@ class DataError(EvaError):
     """The data set is missing, unreadable or malformed."""
 
 
-class CheckpointError(EvaError):
-    """A run folder, checkpoint or metrics file that cannot be used."""
+class RunFileError(EvaError):
+    """A run folder or a file of a run (metrics.json, analysis.json, provenance.json...) that
+    cannot be used."""
+
+
+class CheckpointError(RunFileError):
+    """A checkpoint (``last.pt``, ``best.pt``) that cannot be used."""
 
 
 class TrainingDiverged(EvaError):

@@ -24,13 +24,20 @@ import torch
 from torch import Tensor
 
 from . import analysis
-from .checkpoint import LAST, METRICS, describe_data, environment
 from .config import RESUMABLE_CHANGES, Config, get_preset, parse_field
-from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, process_exists
-from .engine import load_datasets, select_device, summarize_history
+from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet
+from .engine import environment, load_datasets, select_device
 from .errors import DataError, EvaError
+from .files import make_scratch_folder, remove_dead_scratch
 from .loaders import DeviceLoader
-from .results import RecordedRun, read_run
+from .results import (
+    RecordedRun,
+    describe_data,
+    read_recorded_run,
+    summarize_history,
+    target_reached,
+)
+from .runfolder import BEST, METRICS, holds_run
 
 SMOKE_ENV = "EVA_SMOKE"
 # A run that exercises every cell in seconds on a CPU, with no data set and no network.
@@ -92,7 +99,7 @@ def run_folder(parent: str, config: Config) -> Path:
     folder itself), or, in smoke mode, a temporary folder deleted when the kernel exits."""
     if smoke_mode():
         remove_stale_smoke_folders()
-        folder = Path(tempfile.mkdtemp(prefix=f"{SMOKE_PREFIX}{os.getpid()}-"))
+        folder = make_scratch_folder(tempfile.gettempdir(), SMOKE_PREFIX)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return folder
     if "EVA_RUN_DIR" in os.environ:
@@ -106,15 +113,12 @@ def run_folder(parent: str, config: Config) -> Path:
 
 def remove_stale_smoke_folders() -> None:
     """Delete the smoke folders of kernels that died without their exit handler running."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{SMOKE_PREFIX}*-*"):
-        pid = folder.name.removeprefix(SMOKE_PREFIX).split("-")[0]
-        if pid.isdigit() and not process_exists(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+    remove_dead_scratch(Path(tempfile.gettempdir()), SMOKE_PREFIX)
 
 
 def can_resume(folder: str | Path) -> bool:
     """Whether ``folder`` holds a checkpoint to continue (after a disconnect, say)."""
-    found = (Path(folder) / LAST).exists()
+    found = holds_run(folder)
     if found:
         print(f"{folder} holds a checkpoint: continuing that run (delete the folder to restart)")
     return found
@@ -137,7 +141,7 @@ def reference_run(name: str = REFERENCE) -> RecordedRun:
     """The recorded run ``results/<name>`` of the repository (a clone has it, Colab included)."""
     for root in _search_roots():
         if (root / "results" / name / METRICS).is_file():
-            return read_run(root / "results" / name)
+            return read_recorded_run(root / "results" / name)
     raise EvaError(
         f"results/{name} not found: run the notebook from a clone of the repository "
         "(Colab's setup cell makes one)"
@@ -157,19 +161,19 @@ def reference_checkpoint() -> Path | None:
             for folder in (root / "runs" / REFERENCE,
                            root.parent / "shared" / "reference-runs" / REFERENCE)
         ]  # fmt: skip
-    return next((c for c in candidates if (c / "best.pt").is_file()), None)
+    return next((c for c in candidates if (c / BEST).is_file()), None)
 
 
-def trained_or_untrained(run: str | Path | None = None) -> analysis.TrainedRun:
+def trained_or_untrained(run: str | Path | None = None) -> analysis.TrainedModel:
     """``run``'s best model if given; else the reference run's trained model where this machine
     has it, else an untrained session8 ResNet18. Prints which it is."""
     if run is not None:
-        trained = analysis.load_run(run)
+        trained = analysis.load_trained_model(run)
         print(f"model: the best epoch ({trained.epoch}) of {run}")
         return trained
     folder = reference_checkpoint()
     if folder is not None:
-        trained = analysis.load_run(folder)
+        trained = analysis.load_trained_model(folder)
         print(
             f"model: the reference run's trained ResNet18 ({REFERENCE}: session8 recipe, "
             f"30 epochs on an H100; best epoch {trained.epoch}, {trained.test_acc:.2%})"
@@ -180,10 +184,10 @@ def trained_or_untrained(run: str | Path | None = None) -> analysis.TrainedRun:
         f"set {REFERENCE_ENV} to a folder holding its best.pt, or train one into "
         f"runs/{REFERENCE}); its figures show what training starts from"
     )
-    return analysis.untrained_run(get_preset("session8"), CIFAR10_CLASSES)
+    return analysis.untrained_model(get_preset("session8"), CIFAR10_CLASSES)
 
 
-def gallery_model(own_run: str | Path, config: Config) -> analysis.TrainedRun:
+def gallery_model(own_run: str | Path, config: Config) -> analysis.TrainedModel:
     """The model whose mistakes the main notebook shows: the trained reference model where this
     machine has it and the data is real CIFAR-10, else the notebook's own run. Prints which."""
     if config.data != SYNTHETIC and reference_checkpoint() is not None:
@@ -192,7 +196,7 @@ def gallery_model(own_run: str | Path, config: Config) -> analysis.TrainedRun:
 
 
 def analysis_test_set(
-    run: analysis.TrainedRun, data: str | None = None, test_size: int | None = None
+    run: analysis.TrainedModel, data: str | None = None, test_size: int | None = None
 ) -> ImageSet:
     """The test images to analyse ``run`` on: ``data`` if given, else the run's own source
     (found beside the clone when the run recorded a relative path), else CIFAR-10's download;
@@ -228,8 +232,7 @@ def compare_with_reference(history: list[dict], config: Config, reference: Recor
     mine, ref = summarize_history(history), reference.summary()
     last = min(mine["epochs"], ref["epochs"])
     ref_then = reference.history[last - 1]["test_acc"]
-    reached = f"epoch {mine['target_epoch']}" if mine["target_epoch"] else "not reached"
-    ref_reached = f"epoch {ref['target_epoch']}" if ref["target_epoch"] else "not reached"
+    reached, ref_reached = target_reached(mine), target_reached(ref)
     return "\n".join([
         f"this run:      best {mine['best_acc']:.2%} (epoch {mine['best_epoch']}), final "
         f"{mine['final_acc']:.2%} after {mine['epochs']} epochs; {mine['target']:.0%}: {reached}",
@@ -250,31 +253,6 @@ def augmented_examples(dataset: ImageSet, config: Config, count: int = 32) -> tu
     loader = DeviceLoader(examples, count, augment=config.augment,
                           rotate_degrees=config.rotate_degrees, generator=generator)  # fmt: skip
     return next(iter(loader))
-
-
-def strip_progress_bars(path: str | Path) -> int:
-    """Remove the text progress bars that tqdm left in a notebook's stored outputs (hundreds of
-    redraws per epoch where Jupyter has no widgets); the history table says the same. Returns
-    how many outputs were removed."""
-    import nbformat
-
-    notebook = nbformat.read(path, as_version=4)
-    removed = 0
-    for cell in notebook.cells:
-        if cell.cell_type != "code":
-            continue
-        kept = [o for o in cell.outputs if not _is_progress_bar(o)]
-        removed += len(cell.outputs) - len(kept)
-        cell.outputs = kept
-    nbformat.write(notebook, path)
-    return removed
-
-
-def _is_progress_bar(output: dict) -> bool:
-    if output.get("output_type") != "stream" or output.get("name") != "stderr":
-        return False
-    text = "".join(output.get("text", ""))
-    return not text.strip() or "\r" in text or "\x1b[A" in text
 
 
 def history_table(history: list[dict]) -> str:

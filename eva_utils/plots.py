@@ -11,12 +11,15 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from .config import TARGET_ACCURACY
 from .data import CIFAR10_MEAN, CIFAR10_STD
+from .receptive_fields import RFRow, field_box
 
 History = Sequence[dict[str, Any]]
+GALLERY_SIZE = 32  # mistakes shown by default
 FIGURE_NAMES = {"loss": "validation_loss.png", "accuracy": "validation_accuracy.png"}
 # No timestamps or versions in the files: regenerating a figure gives the same bytes.
 PNG_METADATA = {"Software": None}
@@ -132,4 +135,136 @@ def plot_class_balance(counts: Sequence[int], classes: Sequence[str], title: str
     ax.tick_params(axis="x", rotation=45)
     for x, count in enumerate(counts):
         ax.annotate(str(count), (x, count), ha="center", va="bottom", fontsize=8)
+    return fig
+
+
+def plot_comparison(
+    histories: Sequence[History], labels: Sequence[str], title: str = "",
+    target: float = TARGET_ACCURACY,
+) -> Figure:  # fmt: skip
+    """Validation accuracy (left) and loss (right) of several runs, one line each."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    accuracy, loss = fig.subplots(1, 2)
+    for history, label in zip(histories, labels):
+        epochs = _epochs(history)
+        accuracy.plot(epochs, [100 * row["test_acc"] for row in history], "o-", ms=3, label=label)
+        loss.plot(epochs, [row["test_loss"] for row in history], "o-", ms=3, label=label)
+    accuracy.axhline(100 * target, color="tab:red", linestyle=":", label=f"target {target:.0%}")
+    accuracy.set(xlabel="epoch", ylabel="validation (test) accuracy (%)")
+    loss.set(xlabel="epoch", ylabel="validation (test) loss (mean per image)")
+    for ax in (accuracy, loss):
+        ax.grid(alpha=0.3)
+    accuracy.legend(loc="lower right", fontsize=8)
+    loss.legend(loc="upper right", fontsize=8)
+    fig.suptitle(title or "Validation accuracy and loss", fontsize=10 if "\n" in title else None)
+    return fig
+
+
+# --- what a trained model gets wrong, and what it sees ----------------------------------------
+
+
+def plot_misclassified(
+    mistakes: Any, classes: Sequence[str], *, count: int = GALLERY_SIZE, columns: int = 8
+) -> Figure:
+    """The ``count`` most confident of ``mistakes`` (an :class:`~eva_utils.analysis.Mistakes`),
+    titled "true → predicted (confidence)"."""
+    if mistakes.images is None:
+        raise ValueError("these mistakes have no images: look them up with with_images(data)")
+    shown = min(count, len(mistakes))
+    titles = [
+        f"{classes[t]} →\n{classes[p]} ({c:.0%})"
+        for t, p, c in zip(
+            mistakes.labels[:shown].tolist(), mistakes.predicted[:shown].tolist(),
+            mistakes.confidence[:shown].tolist(),
+        )
+    ]  # fmt: skip
+    return plot_image_grid(
+        mistakes.images[:shown], titles, normalized=mistakes.normalized,
+        columns=min(columns, max(shown, 1)), title_colors=["tab:red"] * shown,
+        title=f"Misclassified: {shown} most confident of {len(mistakes)} (true → predicted)",
+    )  # fmt: skip
+
+
+def plot_confusion_matrix(matrix: Tensor, classes: Sequence[str], title: str = "") -> Figure:
+    """Counts in each cell; colour = fraction of the true class (the row), so that classes of
+    different sizes compare."""
+    counts = matrix.cpu()
+    fractions = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.add_subplot()
+    shown = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for (row, col), count in zip(
+        torch.cartesian_prod(torch.arange(len(classes)), torch.arange(len(classes))).tolist(),
+        counts.flatten().tolist(),
+    ):
+        color = "white" if fractions[row, col] > 0.5 else "black"
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=8, color=color)
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=45, ha="right")
+    ax.set_yticks(ticks, classes)
+    accuracy = counts.diagonal().sum() / max(int(counts.sum()), 1)
+    ax.set(
+        xlabel="predicted class",
+        ylabel="true class",
+        title=title or f"Confusion matrix (accuracy {accuracy:.2%})",
+    )
+    fig.colorbar(shown, ax=ax, shrink=0.8, label="fraction of the true class")
+    return fig
+
+
+def plot_per_class_accuracy(
+    accuracy: Tensor, classes: Sequence[str], overall: float | None = None, title: str = ""
+) -> Figure:
+    """Accuracy of each class in percent, with the overall accuracy as a line."""
+    percent = (100 * accuracy.double()).nan_to_num(0.0).tolist()
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(range(len(classes)), percent, color="tab:blue")
+    for x, value in enumerate(percent):
+        ax.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom", fontsize=8)
+    if overall is not None:
+        ax.axhline(
+            100 * overall, color="tab:red", linestyle=":", label=f"all classes: {overall:.2%}"
+        )
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1), fontsize=8, frameon=False)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set(title=title or "Accuracy per class", ylabel="accuracy (%)", ylim=(0, 108))
+    return fig
+
+
+def plot_erf(
+    untrained_map: Tensor,
+    trained_map: Tensor,
+    theoretical_rf: RFRow | int,
+    *,
+    titles: tuple[str, str] = ("untrained", "trained"),
+    title: str = "Effective receptive field (gradient of the centre unit)",
+) -> Figure:
+    """The two (H, W) maps side by side, each with the theoretical field outlined (clipped to
+    the image)."""
+    image = tuple(untrained_map.shape)
+    top, left, bottom, right = field_box(theoretical_rf, image)
+    rf = theoretical_rf.rf if isinstance(theoretical_rf, RFRow) else (theoretical_rf,) * 2
+    clipped = (bottom - top, right - left) != tuple(float(r) for r in rf)
+    label = f"theoretical field, {'x'.join(map(str, rf))} pixels"
+    label += " (clipped to the image)" if clipped else ""
+    fig = Figure(figsize=(8.5, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, erf, name in zip(axes, (untrained_map, trained_map), titles):
+        shown = ax.imshow(erf.detach().cpu().numpy(), cmap="magma", vmin=0, vmax=1)
+        box = Rectangle(
+            (left, top),
+            right - left,
+            bottom - top,
+            fill=False,
+            edgecolor="tab:cyan",
+            linewidth=2,
+            linestyle="--",
+        )
+        ax.add_patch(box)
+        ax.set_title(name)
+        ax.set(xlabel="input x (pixels)", ylabel="input y (pixels)")
+    fig.colorbar(shown, ax=list(axes), shrink=0.8, label="|gradient| (max = 1)")
+    fig.legend([box], [label], loc="outside lower center", fontsize=9, frameon=False)
+    fig.suptitle(title)
     return fig

@@ -10,17 +10,20 @@ describes the independent pipeline, for comparison rows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
-
-from . import checkpoint
+from .analysis import REPORT_NAME, load_report
 from .config import PRESETS, RECIPE_FIELDS, TARGET_ACCURACY
-from .errors import CheckpointError
+from .errors import RunFileError
+from .files import read_json
+from .plots import plot_comparison
+from .runfolder import METRICS, read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PROVENANCE = "provenance.json"
 PEER_HISTORY = "history.json"
@@ -55,54 +58,86 @@ class RecordedRun:
         return self.provenance.get("hardware") or self.metrics["environment"]["device_name"]
 
     def summary(self) -> dict[str, Any]:
-        from .engine import summarize_history
-
         return summarize_history(self.history)
 
 
-def read_run(folder: str | Path) -> RecordedRun:
+def summarize_history(
+    history: list[dict[str, Any]], target: float = TARGET_ACCURACY
+) -> dict[str, Any]:
+    """Best and final test accuracy, and the first epoch that reached ``target`` (None if never)."""
+    best = max(history, key=lambda row: row["test_acc"])
+    reached = next((row["epoch"] for row in history if row["test_acc"] >= target), None)
+    return {
+        "best_acc": best["test_acc"],
+        "best_epoch": best["epoch"],
+        "final_acc": history[-1]["test_acc"],
+        "epochs": len(history),
+        "target": target,
+        "target_epoch": reached,
+        "seconds_per_epoch": sum(row["seconds"] for row in history) / len(history),
+    }
+
+
+def target_reached(summary: dict[str, Any], never: str = "not reached") -> str:
+    """When a run first reached its target: "epoch E", or ``never``."""
+    return f"epoch {summary['target_epoch']}" if summary["target_epoch"] else never
+
+
+def describe_data(config: dict[str, Any]) -> tuple[str, str]:
+    """(data source name, "train/test" image counts) of a run's config, for captions and tables."""
+    sizes = "/".join(
+        f"{config.get(k):,}" if config.get(k) else "all" for k in ("train_size", "test_size")
+    )
+    source = Path(config["data"]).name if config.get("data") else "CIFAR-10 (torchvision)"
+    return source, sizes
+
+
+def describe_run(metrics: dict[str, Any]) -> str:
+    """One line naming a run: preset-like recipe, data, epochs and hardware."""
+    config, env = metrics.get("config", {}), metrics.get("environment", {})
+    source, sizes = describe_data(config)
+    return (
+        f"{config.get('arch', '?')} {config.get('norm', '?')}, {len(metrics['history'])} epochs, "
+        f"{sizes} train/test images of {source}, {env.get('device_name', '?')}"
+    )
+
+
+def read_recorded_run(folder: str | Path) -> RecordedRun:
     """The run in ``folder`` (a run folder written by ``train``, or ``results/NAME``), or the
-    folder of a ``metrics.json`` path. Raises CheckpointError, in one line, when it holds none."""
+    folder of a ``metrics.json`` path. Raises RunFileError, in one line, when it holds none."""
     folder = Path(folder)
-    if folder.name == checkpoint.METRICS and folder.is_file():
+    if folder.name == METRICS and folder.is_file():
         folder = folder.parent
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a run folder: give runs/NAME or results/NAME")
+        raise RunFileError(f"{folder} is not a run folder: give runs/NAME or results/NAME")
     provenance = _read_provenance(folder / PROVENANCE)
-    if provenance.get("peer") and not (folder / checkpoint.METRICS).exists():
+    if provenance.get("peer") and not (folder / METRICS).exists():
         metrics = _read_peer_history(folder / PEER_HISTORY)
-    elif (folder / checkpoint.METRICS).exists():
-        metrics = checkpoint.read_metrics(folder / checkpoint.METRICS)
+    elif (folder / METRICS).exists():
+        metrics = read_metrics(folder / METRICS)
     else:
-        raise CheckpointError(
-            f"{folder} holds no {checkpoint.METRICS}: give a run folder written by "
+        raise RunFileError(
+            f"{folder} holds no {METRICS}: give a run folder written by "
             "python -m eva_utils train (runs/NAME) or results/NAME"
         )
     return RecordedRun(folder.name, metrics, provenance)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError too
-        raise CheckpointError(f"cannot read {path} ({error}): is it a complete file?") from None
-
-
 def _read_provenance(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
-    provenance = _read_json(path)
+    provenance = read_json(path, "give a run folder of results/")
     if not isinstance(provenance, dict):
-        raise CheckpointError(f"{path} is not a provenance record (a JSON object)")
+        raise RunFileError(f"{path} is not a provenance record (a JSON object)")
     return provenance
 
 
 def _read_peer_history(path: Path) -> dict[str, Any]:
-    peer = _read_json(path)
+    peer = read_json(path, "give a run folder of results/")
     keys = ("epoch", "test_acc", "test_loss", "seconds")
     history = peer.get("history") if isinstance(peer, dict) else None
     if not history or not all(isinstance(row, dict) and set(keys) <= row.keys() for row in history):
-        raise CheckpointError(f"{path} is not a peer history (epochs with {', '.join(keys)})")
+        raise RunFileError(f"{path} is not a peer history (epochs with {', '.join(keys)})")
     return peer
 
 
@@ -110,10 +145,10 @@ def recorded_runs(folder: str | Path = "results") -> list[RecordedRun]:
     """Every run under ``folder``, in the order their provenance gives (then by name)."""
     folders = sorted(
         path.parent
-        for pattern in (f"*/{checkpoint.METRICS}", f"*/{PROVENANCE}")
+        for pattern in (f"*/{METRICS}", f"*/{PROVENANCE}")
         for path in Path(folder).glob(pattern)
     )
-    runs = [read_run(path) for path in dict.fromkeys(folders)]
+    runs = [read_recorded_run(path) for path in dict.fromkeys(folders)]
     return sorted(runs, key=lambda run: (run.provenance.get("order", len(runs)), run.name))
 
 
@@ -134,8 +169,8 @@ def results_table(runs: Sequence[RecordedRun]) -> str:
     ]
     for run in runs:
         s = run.summary()
-        source, sizes = checkpoint.describe_data(run.config)
-        reached = f"epoch {s['target_epoch']}" if s["target_epoch"] else "not reached"
+        source, sizes = describe_data(run.config)
+        reached = target_reached(s)
         name = f"`{run.name}`" + (" (peer: not this project)" if run.peer else "")
         rows.append(
             f"| {name} | {source} ({sizes}) | {s['epochs']} | {s['best_acc']:.2%} "
@@ -166,7 +201,7 @@ def provenance_list(runs: Sequence[RecordedRun]) -> str:
 def history_caption(run: RecordedRun) -> str:
     """The README caption under a run's validation loss and accuracy graphs."""
     s = run.summary()
-    source, sizes = checkpoint.describe_data(run.config)
+    source, sizes = describe_data(run.config)
     return (
         f"*Validation loss and accuracy of `results/{run.name}` ({run_label(run)}): "
         f"{s['epochs']} epochs on {source} (train/test images: {sizes}), {run.hardware}; best "
@@ -243,7 +278,7 @@ def comparison_table(runs: Sequence[RecordedRun]) -> str:
     rows = [header]
     for run, label in zip(runs, labels):
         s = run.summary()
-        reached = f"epoch {s['target_epoch']}" if s["target_epoch"] else "not reached"
+        reached = target_reached(s)
         rows.append(
             (run.name, label, f"{s['best_acc']:.2%} ({s['best_epoch']})", f"{s['final_acc']:.2%}",
              reached, f"{s['seconds_per_epoch']:.1f}")
@@ -254,33 +289,9 @@ def comparison_table(runs: Sequence[RecordedRun]) -> str:
     )
 
 
-def plot_comparison(
-    runs: Sequence[RecordedRun], title: str = "", target: float = TARGET_ACCURACY
-) -> Figure:
-    """Validation accuracy (left) and loss (right) of several runs, one line each."""
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    accuracy, loss = fig.subplots(1, 2)
-    for run, label in zip(runs, comparison_labels(runs)):
-        epochs = [row["epoch"] for row in run.history]
-        accuracy.plot(epochs, [100 * row["test_acc"] for row in run.history], "o-", ms=3,
-                      label=label)  # fmt: skip
-        loss.plot(epochs, [row["test_loss"] for row in run.history], "o-", ms=3, label=label)
-    accuracy.axhline(100 * target, color="tab:red", linestyle=":", label=f"target {target:.0%}")
-    accuracy.set(xlabel="epoch", ylabel="validation (test) accuracy (%)")
-    loss.set(xlabel="epoch", ylabel="validation (test) loss (mean per image)")
-    for ax in (accuracy, loss):
-        ax.grid(alpha=0.3)
-    accuracy.legend(loc="lower right", fontsize=8)
-    loss.legend(loc="upper right", fontsize=8)
-    fig.suptitle(title or "Validation accuracy and loss", fontsize=10 if "\n" in title else None)
-    return fig
-
-
 def comparison_caption(runs: Sequence[RecordedRun]) -> str:
     """A figure title naming the runs' data and hardware."""
-    sources = {
-        "{} (train/test images: {})".format(*checkpoint.describe_data(run.config)) for run in runs
-    }
+    sources = {"{} (train/test images: {})".format(*describe_data(run.config)) for run in runs}
     hardware = {run.hardware for run in runs}
     return (
         f"{', '.join(run.name for run in runs)}\n"
@@ -291,17 +302,18 @@ def comparison_caption(runs: Sequence[RecordedRun]) -> str:
 def compare(*runs: str | Path | RecordedRun, title: str = "") -> tuple[Figure, str]:
     """Overlay the validation curves of ``runs`` (run folders, ``results/NAME`` folders or
     recorded runs) in one figure; returns (figure, comparison table as text)."""
-    recorded = [run if isinstance(run, RecordedRun) else read_run(run) for run in runs]
+    recorded = [run if isinstance(run, RecordedRun) else read_recorded_run(run) for run in runs]
     if not recorded:
-        raise CheckpointError("compare needs at least one run folder")
-    figure = plot_comparison(recorded, title or comparison_caption(recorded))
+        raise RunFileError("compare needs at least one run folder")
+    figure = plot_comparison(
+        [run.history for run in recorded], comparison_labels(recorded),
+        title or comparison_caption(recorded),
+    )  # fmt: skip
     return figure, comparison_table(recorded)
 
 
 def analysis_caption(run: RecordedRun, folder: str | Path) -> str:
     """The README caption under the analysis figures, from the run's ``analysis.json``."""
-    from .analysis import REPORT_NAME, load_report
-
     report, _ = load_report(Path(folder) / REPORT_NAME)
     accuracy = report.accuracy.nan_to_num(2.0)
     weakest, strongest = int(accuracy.argmin()), int(report.accuracy.nan_to_num(-1.0).argmax())

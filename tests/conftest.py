@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_utils import checkpoint
+from eva_utils import runfolder
 from eva_utils.config import Config
 from eva_utils.data import ImageSet, load_cifar10
-from eva_utils.engine import Run
+from eva_utils.engine import Run, environment
+from eva_utils.runfolder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -116,5 +117,5 @@ def fake_checkpoint(config: Config, out: Path, epochs: int = 1) -> Path:
             dict(epoch=epoch, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1,
                  lr=config.lr, seconds=1.0)
         )  # fmt: skip
-        checkpoint.save(run, out)
-    return out / checkpoint.LAST
+        RunFolder(out).save(run.state_dict(), environment(run.device))
+    return out / runfolder.LAST

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_utils import checkpoint, get_preset
+from eva_utils import get_preset, runfolder
 from eva_utils.cli import main
 from eva_utils.errors import DataError
 
@@ -214,7 +214,7 @@ def test_train_into_a_folder_that_holds_a_run_refuses_and_says_resume(tmp_path, 
     code, err = eva8(capsys, "train", *SYNTHETIC, "--out", tmp_path / "run")
     assert_one_line_error(code, err, "already holds a run", f"--resume {tmp_path / 'run'}")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
-    assert len(checkpoint.load_checkpoint(last)["history"]) == 1
+    assert len(runfolder.load_checkpoint(last)["history"]) == 1
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
@@ -243,7 +243,7 @@ def test_resume_of_a_resnet34_run_as_resnet18(tmp_path, capsys):
 def test_resume_of_a_checkpoint_whose_weights_are_another_architecture(tmp_path, capsys):
     """Crafted: the config says resnet18 but the weights are a resnet34's."""
     last = fake_run(tmp_path / "run", arch="resnet34")
-    state = checkpoint.load_checkpoint(last)
+    state = runfolder.load_checkpoint(last)
     state["config"]["arch"] = "resnet18"
     torch.save(state, last)
     code, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--epochs", "2", "--quiet")
@@ -276,11 +276,11 @@ def test_resume_with_flags_it_cannot_honour(flags, message, tmp_path, capsys):
 
 
 def assert_last_good_epoch_kept(run: Path, lr: float) -> None:
-    state = checkpoint.load_checkpoint(run / checkpoint.LAST)
+    state = runfolder.load_checkpoint(run / runfolder.LAST)
     assert [row["epoch"] for row in state["history"]] == [1]
     assert state["config"]["lr"] == lr
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    history = checkpoint.read_metrics(run / checkpoint.METRICS)["history"]
+    history = runfolder.read_metrics(run / runfolder.METRICS)["history"]
     assert all(math.isfinite(row["test_loss"]) for row in history)
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import eva_utils
 from eva_utils.cli import main
-from eva_utils.results import comparison_labels, read_run
+from eva_utils.results import comparison_labels, read_recorded_run
 
 ROOT = Path(__file__).resolve().parents[1]
 GBN, BN = ROOT / "results" / "session8-h100", ROOT / "results" / "session8-bn-nodropout-h100"
@@ -38,13 +38,17 @@ def test_compare_writes_to_a_png_path_and_is_deterministic(tmp_path, capsys):
 
 
 def test_labels_say_what_differs():
-    runs = [read_run(GBN), read_run(BN), read_run(ROOT / "results" / "fast-h100")]
+    runs = [
+        read_recorded_run(GBN),
+        read_recorded_run(BN),
+        read_recorded_run(ROOT / "results" / "fast-h100"),
+    ]
     assert comparison_labels(runs[:2]) == ["GBN 2 splits, dropout 0.1", "BatchNorm, no dropout"]
     assert comparison_labels(runs) == [
         "session8: GBN 2 splits, dropout 0.1", "session8: BatchNorm, no dropout",
         "fast: BatchNorm, no dropout",
     ]  # fmt: skip
-    cpu = read_run(ROOT / "results" / "session8-cpu")
+    cpu = read_recorded_run(ROOT / "results" / "session8-cpu")
     assert comparison_labels([runs[0], cpu])[1] == (
         "GBN 2 splits, dropout 0.1, epochs 10, train_size 10000, test_size 2000"
     )

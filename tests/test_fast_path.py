@@ -41,7 +41,7 @@ def test_amp_off_means_fp32_everywhere():
     run = Run(Config(**PLAIN, **TINY), progress=False)
     assert run.amp_dtype is None
     assert not run.scaler.is_enabled()
-    assert run.forward is run.model  # not compiled
+    assert run.compiled is run.model  # not compiled
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
 
 

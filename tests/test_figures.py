@@ -23,7 +23,7 @@ from eva_utils.analysis import (
 from eva_utils.cli import main
 from eva_utils.data import ImageSet
 from eva_utils.errors import DataError
-from eva_utils.receptive_field import RFRow
+from eva_utils.receptive_fields import RFRow
 
 HISTORY_PNGS = {"validation_loss.png", "validation_accuracy.png"}
 ANALYSIS_PNGS = {"misclassified.png", "confusion_matrix.png", "per_class_accuracy.png", "erf.png"}

@@ -15,13 +15,13 @@ from torch import Tensor, nn
 
 from eva_utils.cli import main
 from eva_utils.model import resnet18
-from eva_utils.receptive_field import (
+from eva_utils.plots import plot_erf
+from eva_utils.receptive_fields import (
     effective_receptive_field,
     field_box,
     first_covering,
     format_receptive_field,
     layer_field,
-    plot_erf,
     receptive_field,
 )
 
@@ -222,20 +222,25 @@ def test_plot_erf_outlines_the_clipped_field_on_both_maps():
 
 @pytest.mark.parametrize(
     "first_import",
-    ["import eva_utils", "from eva_utils.receptive_field import RFRow",
-     "from eva_utils import receptive_field as rf", "import eva_utils.receptive_field"],
+    ["import eva_utils", "from eva_utils.receptive_fields import RFRow",
+     "from eva_utils import receptive_fields as rf", "from eva_utils import receptive_field"],
 )  # fmt: skip
-def test_receptive_field_is_callable_from_the_package_whatever_was_imported_first(first_import):
-    """``eva_utils.receptive_field(model)`` as the issue asked, while the module of the same
-    name keeps working (``from eva_utils.receptive_field import ...``)."""
+def test_receptive_field_is_a_plain_function_of_the_package_whatever_was_imported_first(
+    first_import,
+):
+    """``eva_utils.receptive_field(model)`` is the function itself; its module has a name of its
+    own (``eva_utils.receptive_fields``), so the two never shadow each other."""
     code = (
         f"{first_import}\n"
+        "import types\n"
         "import eva_utils\n"
-        "from eva_utils.receptive_field import receptive_field, print_receptive_field\n"
-        "rows = eva_utils.receptive_field(eva_utils.resnet18())\n"
+        "from eva_utils import receptive_field as from_package\n"
+        "from eva_utils.receptive_fields import receptive_field, print_receptive_field\n"
+        "assert isinstance(eva_utils.receptive_field, types.FunctionType)\n"
+        "assert eva_utils.receptive_field is receptive_field is from_package\n"
+        "rows = eva_utils.receptive_field(eva_utils.resnet18(), (3, 32, 32))\n"
         "assert rows == receptive_field(eva_utils.resnet18())\n"
         "assert rows[-1].rf == (133, 133) and callable(print_receptive_field)\n"
-        "assert eva_utils.receptive_field.first_covering is not None\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip

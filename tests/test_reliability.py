@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_utils import checkpoint, get_preset
+from eva_utils import files, get_preset, runfolder
 from eva_utils.engine import fit
 from eva_utils.errors import Interrupted
 
@@ -52,14 +52,14 @@ def wait_for_first_epoch(process: subprocess.Popen, run: Path) -> float:
     """Block until ``run/last.pt`` holds epoch 1 (it is renamed into place complete, and
     written last); return that epoch's duration in seconds."""
     deadline = time.monotonic() + TIMEOUT
-    while not (run / checkpoint.LAST).exists():
+    while not (run / runfolder.LAST).exists():
         if process.poll() is not None:
             pytest.fail(f"training ended before its first epoch:\n{process.communicate()[1]}")
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"no epoch finished in {TIMEOUT} s")
         time.sleep(0.05)
-    return json.loads((run / checkpoint.METRICS).read_text())["history"][0]["seconds"]
+    return json.loads((run / runfolder.METRICS).read_text())["history"][0]["seconds"]
 
 
 def signal_mid_epoch(process: subprocess.Popen, run: Path, signum: int) -> None:
@@ -71,7 +71,7 @@ def signal_mid_epoch(process: subprocess.Popen, run: Path, signum: int) -> None:
 
 
 def saved_epochs(run: Path) -> list[int]:
-    return [row["epoch"] for row in checkpoint.load_checkpoint(run / checkpoint.LAST)["history"]]
+    return [row["epoch"] for row in runfolder.load_checkpoint(run / runfolder.LAST)["history"]]
 
 
 def without_seconds(history: list[dict]) -> list[dict]:
@@ -85,12 +85,12 @@ def leftovers(run: Path) -> list[str]:
 
 def assert_complete(run: Path, reference: Path) -> None:
     """Every epoch exactly once, the uninterrupted run's numbers, readable files, no debris."""
-    metrics = checkpoint.read_metrics(run / checkpoint.METRICS)
+    metrics = runfolder.read_metrics(run / runfolder.METRICS)
     assert [row["epoch"] for row in metrics["history"]] == list(range(1, EPOCHS + 1))
     assert saved_epochs(run) == list(range(1, EPOCHS + 1))
-    expected = checkpoint.read_metrics(reference / checkpoint.METRICS)["history"]
+    expected = runfolder.read_metrics(reference / runfolder.METRICS)["history"]
     assert without_seconds(metrics["history"]) == without_seconds(expected)
-    assert checkpoint.load_checkpoint(run / checkpoint.BEST)["epoch"] in range(1, EPOCHS + 1)
+    assert runfolder.load_checkpoint(run / runfolder.BEST)["epoch"] in range(1, EPOCHS + 1)
     assert leftovers(run) == []
 
 
@@ -138,14 +138,14 @@ TINY = get_preset("session8").replace(
 KILL_MID_WRITE = """
 import os, signal, sys
 from pathlib import Path
-from eva_utils import checkpoint
+from eva_utils import files
 
 def write(file):
     file.write(b"the first bytes of a checkpoint")
     file.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-checkpoint._atomic_write(Path(sys.argv[1]), write)
+files.atomic_write(Path(sys.argv[1]), write)
 """
 
 
@@ -173,17 +173,17 @@ def test_a_new_run_removes_temporaries_of_a_killed_first_epoch(tmp_path):
     (run / ".last.pt.k1ll3d.tmp").write_bytes(b"partial")
     (run / ".metrics.json.k1ll3d.tmp").write_bytes(b"{")
     (run / "notes.txt").write_text("mine")  # not ours: kept
-    checkpoint.prepare_run_folder(run)
+    runfolder.RunFolder(run).start()
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
 def test_interrupt_during_the_checkpoint_write_keeps_the_previous_epoch(tmp_path, monkeypatch):
     """SIGTERM lands while last.pt of epoch 2 is being written: the previous last.pt stays,
     the message counts the epochs it really holds, and the resumed run redoes epoch 2."""
-    real_write = checkpoint._atomic_write
+    real_write = files.atomic_write
 
     def interrupted_write(path, write):
-        if path.name == checkpoint.LAST and (path.parent / checkpoint.LAST).exists():
+        if path.name == runfolder.LAST and (path.parent / runfolder.LAST).exists():
 
             def write_then_stop(file):
                 file.write(b"half a checkpoint")
@@ -193,16 +193,16 @@ def test_interrupt_during_the_checkpoint_write_keeps_the_previous_epoch(tmp_path
         return real_write(path, write)
 
     full = fit(TINY, progress=False)
-    monkeypatch.setattr(checkpoint, "_atomic_write", interrupted_write)
+    monkeypatch.setattr(runfolder, "atomic_write", interrupted_write)
     with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*last.pt holds epochs 1-1"):
         fit(TINY, out=tmp_path / "run", progress=False)
     assert saved_epochs(tmp_path / "run") == [1]
     assert leftovers(tmp_path / "run") == []
 
-    monkeypatch.setattr(checkpoint, "_atomic_write", real_write)
+    monkeypatch.setattr(runfolder, "atomic_write", real_write)
     resumed = fit(TINY, out=tmp_path / "run", resume=True, progress=False)
     assert without_seconds(resumed) == without_seconds(full)
-    metrics = checkpoint.read_metrics(tmp_path / "run" / checkpoint.METRICS)
+    metrics = runfolder.read_metrics(tmp_path / "run" / runfolder.METRICS)
     assert without_seconds(metrics["history"]) == without_seconds(full)
 
 
@@ -210,7 +210,7 @@ def test_run_files_get_the_usual_permissions_not_private_ones(tmp_path):
     """mkstemp creates 0600 files; metrics.json and checkpoints should follow the umask."""
     previous = os.umask(0o022)
     try:
-        checkpoint.atomic_write_json({"a": 1}, tmp_path / "metrics.json")
+        files.atomic_write_json({"a": 1}, tmp_path / "metrics.json")
     finally:
         os.umask(previous)
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644

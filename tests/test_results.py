@@ -12,13 +12,13 @@ import pytest
 
 from eva_utils.cli import build_parser, config_from_args
 from eva_utils.config import RECIPE_FIELDS, TARGET_ACCURACY
-from eva_utils.errors import CheckpointError
+from eva_utils.errors import RunFileError
 from eva_utils.results import (
     analysis_caption,
     comparison_table,
     history_caption,
     provenance_list,
-    read_run,
+    read_recorded_run,
     recorded_runs,
     results_table,
 )
@@ -145,15 +145,15 @@ def test_results_hold_no_checkpoints_or_images():
     assert {p.suffix for p in files} <= {".json", ".txt", ".md"}
 
 
-def test_read_run_refuses_a_folder_without_metrics(tmp_path):
-    with pytest.raises(CheckpointError, match="holds no metrics.json"):
-        read_run(tmp_path)
+def test_read_recorded_run_refuses_a_folder_without_metrics(tmp_path):
+    with pytest.raises(RunFileError, match="holds no metrics.json"):
+        read_recorded_run(tmp_path)
 
 
-def test_read_run_refuses_a_corrupt_metrics_json(tmp_path):
+def test_read_recorded_run_refuses_a_corrupt_metrics_json(tmp_path):
     (tmp_path / "metrics.json").write_text('{"history": [')
-    with pytest.raises(CheckpointError, match="is not valid JSON"):
-        read_run(tmp_path)
+    with pytest.raises(RunFileError, match="is not valid JSON"):
+        read_recorded_run(tmp_path)
 
 
 def test_provenance_files_are_json_objects():

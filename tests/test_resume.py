@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_utils import checkpoint, get_preset
+from eva_utils import get_preset, runfolder
 from eva_utils.data import ImageSet, synthetic_cifar10
 from eva_utils.engine import fit
 from eva_utils.errors import CheckpointError, Interrupted
@@ -57,7 +57,7 @@ def stop_after(epoch: int):
 def interrupted_and_resumed(config, out: Path, **resume_changes) -> list[dict]:
     with pytest.raises(Interrupted, match=f"resume with: .* --resume {out}"):
         fit(config, out=out, progress=False, on_epoch=stop_after(STOP_AFTER))
-    assert len(checkpoint.load_checkpoint(out / checkpoint.LAST)["history"]) == STOP_AFTER
+    assert len(runfolder.load_checkpoint(out / runfolder.LAST)["history"]) == STOP_AFTER
     return fit(config.replace(**resume_changes), out=out, resume=True, progress=False)
 
 
@@ -82,8 +82,8 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(name, uninterrupted, 
     assert [row["epoch"] for row in resumed] == list(range(1, EPOCHS + 1))
     assert without_seconds(resumed) == without_seconds(full)
     # The weights, momentum buffers and schedule end identical too, not just the numbers.
-    ours = checkpoint.load_checkpoint(tmp_path / "run" / checkpoint.LAST)
-    theirs = checkpoint.load_checkpoint(full_out / checkpoint.LAST)
+    ours = runfolder.load_checkpoint(tmp_path / "run" / runfolder.LAST)
+    theirs = runfolder.load_checkpoint(full_out / runfolder.LAST)
     torch.testing.assert_close(ours["model"], theirs["model"], rtol=0, atol=0)
     torch.testing.assert_close(ours["optimizer"], theirs["optimizer"], rtol=0, atol=0)
     assert ours["scheduler"] == theirs["scheduler"]
@@ -91,9 +91,9 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(name, uninterrupted, 
 
 def test_resuming_a_finished_run_trains_nothing_and_returns_its_history(uninterrupted):
     full, out = uninterrupted("session8")
-    before = (out / checkpoint.LAST).stat().st_mtime_ns
+    before = (out / runfolder.LAST).stat().st_mtime_ns
     assert fit(CASES["session8"], out=out, resume=True, progress=False) == full
-    assert (out / checkpoint.LAST).stat().st_mtime_ns == before
+    assert (out / runfolder.LAST).stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_resume_refuses_to_lengthen_a_onecycle_run(tmp_path):
     last = fake_checkpoint(CASES["fast-onecycle"], tmp_path / "run")
     with pytest.raises(CheckpointError, match="onecycle schedule of 6 steps .* need 8"):
         fit(CASES["fast-onecycle"].replace(epochs=4), out=tmp_path / "run", resume=True)
-    assert len(checkpoint.load_checkpoint(last)["history"]) == 1
+    assert len(runfolder.load_checkpoint(last)["history"]) == 1
 
 
 def test_resume_refuses_data_with_other_classes(tmp_path):
@@ -145,8 +145,8 @@ def test_cli_resume_with_more_epochs_repeats_the_uninterrupted_run(tmp_path):
     _, stderr = reference.communicate(timeout=300)
     assert reference.returncode == 0, stderr
 
-    full = checkpoint.read_metrics(tmp_path / "full" / checkpoint.METRICS)
-    cut = checkpoint.read_metrics(tmp_path / "cut" / checkpoint.METRICS)
+    full = runfolder.read_metrics(tmp_path / "full" / runfolder.METRICS)
+    cut = runfolder.read_metrics(tmp_path / "cut" / runfolder.METRICS)
     assert [row["epoch"] for row in cut["history"]] == [1, 2, 3]
     assert without_seconds(cut["history"]) == without_seconds(full["history"])
     assert cut["config"] == full["config"]

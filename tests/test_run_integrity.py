@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from eva_utils import checkpoint, engine, get_preset, notebook
+from eva_utils import engine, files, get_preset, notebook, runfolder
 from eva_utils.cli import main
 from eva_utils.config import RESUMABLE_CHANGES, Config
 from eva_utils.engine import fit
-from eva_utils.errors import CheckpointError, Interrupted, TrainingDiverged
+from eva_utils.errors import CheckpointError, Interrupted, RunFileError, TrainingDiverged
 
 from .conftest import ROOT, cli_env, fake_checkpoint
 
@@ -72,11 +72,11 @@ def test_resume_refuses_a_changed_recipe_field_naming_it_and_both_values(name, t
         fit(changed, out=tmp_path / "run", resume=True, progress=False)
     message = str(raised.value)
     flag = "--" + name.replace("_", "-")
-    shown = checkpoint._flag_value  # how both values are written
+    shown = runfolder._flag_value  # how both values are written
     assert f"{flag} {shown(getattr(BASE, name))} -> {shown(OTHER_VALUES[name])}" in message
     assert "\n" not in message
     assert last.read_bytes() == before
-    assert checkpoint.read_metrics(tmp_path / "run" / "metrics.json")["config"] == BASE.to_dict()
+    assert runfolder.read_metrics(tmp_path / "run" / "metrics.json")["config"] == BASE.to_dict()
 
 
 def test_resume_may_change_epochs_device_and_workers(tmp_path):
@@ -137,7 +137,7 @@ class InterruptingFile:
 def signal_during_writes(request, monkeypatch):
     real_fdopen = os.fdopen
     monkeypatch.setattr(
-        checkpoint.os,
+        files.os,
         "fdopen",
         lambda *a, **k: InterruptingFile(real_fdopen(*a, **k), request.param),
     )
@@ -149,7 +149,7 @@ def test_a_signal_during_the_checkpoint_write_lets_it_finish_then_stops(
     config = BASE.replace(epochs=2)
     with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*holds epochs 1-1: resume with"):
         fit(config, out=tmp_path / "run", progress=False)
-    state = checkpoint.load_checkpoint(tmp_path / "run" / checkpoint.LAST)
+    state = runfolder.load_checkpoint(tmp_path / "run" / runfolder.LAST)
     assert [row["epoch"] for row in state["history"]] == [1]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt", "last.pt", "metrics.json",
@@ -210,8 +210,8 @@ def test_resume_into_a_read_only_folder_is_refused_before_training(tmp_path, mon
     fake_checkpoint(BASE, tmp_path / "run")
     trained = []
     monkeypatch.setattr(engine.Run, "train_epoch", lambda self, epoch: trained.append(epoch))
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)  # as on a read-only mount
-    with pytest.raises(CheckpointError, match=r"cannot write into .*run \(Read-only file system\)"):
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)  # as on a read-only mount
+    with pytest.raises(RunFileError, match=r"cannot write into .*run \(Read-only file system\)"):
         fit(BASE.replace(epochs=2), out=tmp_path / "run", resume=True, progress=False)
     assert trained == []
 
@@ -220,7 +220,7 @@ def test_a_new_run_in_a_read_only_place_is_one_line_before_loading_data(
     tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(engine, "load_datasets", lambda config: pytest.fail("loaded the data"))
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
     code, _, err = eva8(capsys, "train", "--data", "synthetic", "--out", tmp_path / "run")
     one_line_error(code, err, f"cannot write into {tmp_path}", "Read-only file system")
 
@@ -244,7 +244,7 @@ def test_a_full_disk_on_save_is_one_line_and_keeps_the_previous_checkpoint(
         def __exit__(self, *exc):
             pass
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", FullDisk)
+    monkeypatch.setattr(files.os, "fdopen", FullDisk)
     code, _, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--epochs", "2", "--quiet")
     one_line_error(
         code, err, f"could not save epoch 2 into {tmp_path / 'run'} (No space left on device)",
@@ -332,8 +332,8 @@ def test_a_smoke_run_folder_is_removed_when_the_process_ends(tmp_path):
 def test_smoke_folders_of_dead_kernels_are_removed_on_the_next_start(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f"{notebook.SMOKE_PREFIX}{dead.pid}-abc"
-    alive = tmp_path / f"{notebook.SMOKE_PREFIX}{os.getppid()}-abc"
+    stale = tmp_path / f"{notebook.SMOKE_PREFIX}abc.{dead.pid}.tmp"
+    alive = tmp_path / f"{notebook.SMOKE_PREFIX}abc.{os.getppid()}.tmp"
     for folder in (stale, alive):
         folder.mkdir()
     monkeypatch.setenv("EVA_SMOKE", "1")

@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-import sys
-import types
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -541,53 +537,3 @@ def field_box(field: RFRow | int, image: Size) -> tuple[float, float, float, flo
     top, left = (c - (r - 1) / 2 - 0.5 for c, r in zip(centre, rf))
     bottom, right = (c + (r - 1) / 2 + 0.5 for c, r in zip(centre, rf))
     return max(top, -0.5), max(left, -0.5), min(bottom, height - 0.5), min(right, width - 0.5)
-
-
-def plot_erf(
-    untrained_map: Tensor,
-    trained_map: Tensor,
-    theoretical_rf: RFRow | int,
-    *,
-    titles: tuple[str, str] = ("untrained", "trained"),
-    title: str = "Effective receptive field (gradient of the centre unit)",
-) -> Figure:
-    """The two (H, W) maps side by side, each with the theoretical field outlined (clipped to
-    the image)."""
-    image = tuple(untrained_map.shape)
-    top, left, bottom, right = field_box(theoretical_rf, image)
-    rf = theoretical_rf.rf if isinstance(theoretical_rf, RFRow) else (theoretical_rf,) * 2
-    clipped = (bottom - top, right - left) != tuple(float(r) for r in rf)
-    label = f"theoretical field, {'x'.join(map(str, rf))} pixels"
-    label += " (clipped to the image)" if clipped else ""
-    fig = Figure(figsize=(8.5, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, erf, name in zip(axes, (untrained_map, trained_map), titles):
-        shown = ax.imshow(erf.detach().cpu().numpy(), cmap="magma", vmin=0, vmax=1)
-        box = Rectangle(
-            (left, top),
-            right - left,
-            bottom - top,
-            fill=False,
-            edgecolor="tab:cyan",
-            linewidth=2,
-            linestyle="--",
-        )
-        ax.add_patch(box)
-        ax.set_title(name)
-        ax.set(xlabel="input x (pixels)", ylabel="input y (pixels)")
-    fig.colorbar(shown, ax=list(axes), shrink=0.8, label="|gradient| (max = 1)")
-    fig.legend([box], [label], loc="outside lower center", fontsize=9, frameon=False)
-    fig.suptitle(title)
-    return fig
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``eva_utils.receptive_field(model)`` call :func:`receptive_field` while
-    ``from eva_utils.receptive_field import ...`` keeps importing from this module: the package
-    attribute and the module share one name, so the module itself is made callable."""
-
-    def __call__(self, model: nn.Module, input_size: Size = (3, 32, 32)) -> list[RFRow]:
-        return receptive_field(model, input_size)
-
-
-sys.modules[__name__].__class__ = _CallableModule

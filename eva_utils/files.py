@@ -1,0 +1,139 @@
+"""Every file the project writes, written safely; every JSON file it reads, read with a one-line
+error; and the scratch that killed processes leave behind, cleaned up.
+
+- :func:`atomic_write` writes to a temporary name beside the target, flushes, and renames: a
+  crash at any moment leaves the previous complete file, never a partial one.
+- Scratch names (temporaries of :func:`atomic_write`, an archive being extracted) end in
+  ``.<pid>.tmp``, so :func:`remove_dead_scratch` can tell a dead process's scratch from a live
+  one's and never deletes what another process is still writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import RunFileError
+
+SCRATCH_SUFFIX = ".tmp"
+
+
+def scratch_suffix() -> str:
+    """The end of every scratch name this process makes: ``.<pid>.tmp``."""
+    return f".{os.getpid()}{SCRATCH_SUFFIX}"
+
+
+def make_scratch_folder(parent: str | Path, prefix: str) -> Path:
+    """A new, empty scratch folder ``parent/<prefix>XXXX.<pid>.tmp``."""
+    return Path(tempfile.mkdtemp(prefix=prefix, suffix=scratch_suffix(), dir=parent))
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=scratch_suffix(), dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600); give it the permissions open() would have.
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        atomic_rename(Path(tmp), path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_rename(source: Path, target: Path) -> None:
+    """Rename ``source`` (a finished scratch file or folder) to ``target`` in one step: readers
+    see the old target or the new one, never a part. Raises OSError where ``target`` is a
+    folder that is not empty (another process finished first)."""
+    os.replace(source, target)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_json(path: str | Path, missing: str) -> Any:
+    """The JSON value in ``path``. A missing, unreadable or invalid file raises RunFileError in
+    one line; ``missing`` says what to do when the file does not exist."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunFileError(f"{path} does not exist: {missing}") from None
+    except OSError as error:  # a folder, no permission...
+        raise RunFileError(f"cannot read {path} ({error.strerror}): is it a file?") from None
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise RunFileError(f"{path} is not valid JSON ({error}): is it a complete file?") from None
+
+
+def remove_dead_scratch(folder: Path, prefix: str = ".") -> list[Path]:
+    """Remove the scratch files and folders (``<prefix>*.<pid>.tmp``) in ``folder`` whose
+    process is no longer running: a ``kill -9`` or a power cut skips the clean-up. Scratch whose
+    name holds no process id (older versions made such) counts as dead. Returns what was
+    removed."""
+    removed = []
+    for scratch in Path(folder).glob(f"{prefix}*{SCRATCH_SUFFIX}"):
+        pid = scratch.name[: -len(SCRATCH_SUFFIX)].rsplit(".", 1)[-1]
+        if pid.isdigit() and process_exists(int(pid)):
+            continue
+        if scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            scratch.unlink(missing_ok=True)
+        removed.append(scratch)
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    """Whether process ``pid`` is running on this machine."""
+    # On Windows os.kill(pid, 0) would terminate the process: treat every process as alive.
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def check_output_folder(folder: str | Path, flag: str = "--out") -> None:
+    """Check, before any work whose results would go into ``folder``, that they can be written
+    there: the folder, or its nearest existing ancestor, is a writable folder. Creates nothing.
+    Raises RunFileError naming the folder and the cause."""
+    folder = Path(folder)
+    existing = next(path for path in (folder, *folder.parents, Path.cwd()) if path.exists())
+    if not existing.is_dir():
+        raise RunFileError(f"{existing} is a file, not a folder: choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".eva8-write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise RunFileError(
+            f"cannot write into {existing} ({error.strerror or error}): choose a writable folder "
+            f"with {flag}"
+        ) from None

@@ -1,0 +1,230 @@
+"""Run folders: the files a training run writes, how they are read and checked, and when a run
+may be resumed.
+
+A run folder holds ``last.pt`` (a training run's whole state, :meth:`engine.Run.state_dict`:
+enough to resume exactly), ``best.pt`` (the best epoch's weights, config and classes) and
+``metrics.json`` (config, environment and history). This module only writes, reads and checks
+these files; what goes into them comes from the objects that own it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RESUMABLE_CHANGES, Config
+from .errors import CheckpointError, RunFileError
+from .files import (
+    atomic_write,
+    atomic_write_json,
+    check_output_folder,
+    read_json,
+    remove_dead_scratch,
+)
+from .signals import signals_deferred
+
+FORMAT = "eva8-checkpoint"
+METRICS_FORMAT = "eva8-metrics"
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.json"
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` of ``state``, marked as an eva8 checkpoint, never leaving a partial file."""
+    atomic_write(path, lambda file: torch.save({"format": FORMAT, **state}, file))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read an eva8 checkpoint (weights only: nothing in it is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train first, or check the run folder")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: torch raises many kinds
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({error.__class__.__name__})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an eva8 checkpoint")
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str) -> None:
+    """Load a checkpoint's weights, with a one-line error if the architecture differs."""
+    expected, given = model.state_dict(), state["model"]
+    unexpected = [name for name in given if name not in expected]
+    missing = [name for name in expected if name not in given]
+    reshaped = [
+        name for name in expected if name in given and expected[name].shape != given[name].shape
+    ]
+    if unexpected or missing or reshaped:
+        first = (unexpected or missing or reshaped)[0]
+        raise CheckpointError(
+            f"{path} holds weights of another architecture than this model "
+            f"({len(unexpected)} unexpected, {len(missing)} missing and {len(reshaped)} "
+            f"differently shaped tensors, e.g. {first}); its config says "
+            f"{state['config'].get('arch')} with {len(state['classes'])} classes"
+        )
+    model.load_state_dict(given)
+
+
+# --- metrics.json ------------------------------------------------------------------------------
+
+
+def write_metrics(path: Path, config: Config, history: list[dict], env: dict[str, str]) -> None:
+    atomic_write_json(
+        {"format": METRICS_FORMAT, "config": config.to_dict(), "environment": env,
+         "history": history},
+        path,
+    )  # fmt: skip
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """Read and check a metrics.json written by eva8."""
+    path = Path(path)
+    metrics = read_json(path, "give the metrics.json of a run")
+    history = metrics.get("history") if isinstance(metrics, dict) else None
+    if (
+        not isinstance(history, list)
+        or not history
+        or not all(isinstance(row, dict) and set(HISTORY_KEYS) <= row.keys() for row in history)
+    ):
+        raise RunFileError(
+            f"{path} is not an eva8 metrics.json (expected a 'history' list of epochs with "
+            f"{', '.join(HISTORY_KEYS)})"
+        )
+    for row in history:
+        for key in HISTORY_KEYS:
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise RunFileError(
+                    f"{path}: {key} of epoch {row['epoch']!r} is {value!r}, not a number: the "
+                    "file was edited or damaged; use the metrics.json that training wrote"
+                )
+    return metrics
+
+
+# --- one run folder ----------------------------------------------------------------------------
+
+
+def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
+    """Refuse to resume the run in ``out``, started with ``saved``, with a ``config`` that
+    differs in any field but :data:`~eva_utils.config.RESUMABLE_CHANGES`."""
+    changed = ", ".join(
+        f"--{name.replace('_', '-')} {_flag_value(old)} -> {_flag_value(new)}"
+        for (name, old), (_, new) in zip(saved.items(), config.items())
+        if name not in RESUMABLE_CHANGES and old != new
+    )
+    if changed:
+        raise CheckpointError(
+            f"cannot resume {out} with another recipe ({changed}): a run keeps the recipe it "
+            "started with; drop those flags, or start a new run with --out"
+        )
+
+
+def _flag_value(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def holds_run(path: str | Path) -> bool:
+    """Whether ``path`` holds a run that can be resumed (a ``last.pt``)."""
+    return (Path(path) / LAST).exists()
+
+
+@dataclass
+class RunFolder:
+    """A run folder opened for training: checked once, its ``last.pt`` read once.
+
+    ``state`` is the run state that ``last.pt`` holds when the run is resumed, None for a new
+    run. The policy, one for the CLI, :func:`~eva_utils.engine.fit` and the notebooks: a new run
+    needs a folder without a run in it; a resumed run needs one with a ``last.pt``, the same
+    recipe (:func:`check_same_recipe`), and a folder that can take the next checkpoint.
+    """
+
+    path: Path
+    state: dict[str, Any] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, resume: bool = False) -> RunFolder:
+        """Check ``path`` for a new run (``resume=False``) or read it to resume one. Creates
+        nothing; raises CheckpointError, in one line, saying what to do instead."""
+        path = Path(path)
+        if not resume:
+            if holds_run(path):
+                raise CheckpointError(
+                    f"{path} already holds a run: continue it with --resume {path}, or choose "
+                    "another --out"
+                )
+            check_output_folder(path)
+            return cls(path)
+        if not holds_run(path):
+            raise CheckpointError(
+                f"{path} has no checkpoint ({LAST}) to resume: start a new run with --out"
+            )
+        check_output_folder(path, "--resume")
+        return cls(path, load_checkpoint(path / LAST))
+
+    @property
+    def saved_config(self) -> Config | None:
+        return Config.from_dict(self.state["config"]) if self.state is not None else None
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.state["history"]) if self.state is not None else 0
+
+    def check_recipe(self, config: Config) -> None:
+        """Refuse to continue this folder's run with another recipe (a new run: no check)."""
+        if self.state is not None:
+            check_same_recipe(self.saved_config, config, self.path)
+
+    def resumed_config(self, **changes: Any) -> Config:
+        """The saved recipe with ``changes`` (fields that a resume may change), checked."""
+        config = self.saved_config.replace(**changes)
+        self.check_recipe(config)
+        return config
+
+    def start(self) -> None:
+        """Create the folder and remove the temporaries of writers that were killed."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_dead_scratch(self.path)
+
+    def save(self, state: dict[str, Any], environment: dict[str, str]) -> None:
+        """Write best.pt (if the last epoch is the best), metrics.json and last.pt, atomically.
+
+        ``state`` is :meth:`engine.Run.state_dict`. last.pt goes last: it is what a resume
+        starts from, so a crash between the writes makes the resumed run redo this epoch
+        (exactly) and rewrite the other two. A write that fails (disk full, read-only folder)
+        raises CheckpointError and leaves the files it would replace. Ctrl-C and SIGTERM wait
+        until the writes are done.
+        """
+        history = state["history"]
+        try:
+            with signals_deferred():
+                if history[-1]["test_acc"] >= max(row["test_acc"] for row in history):
+                    best = {key: state[key] for key in ("config", "classes", "model")}
+                    best.update(epoch=history[-1]["epoch"], test_acc=history[-1]["test_acc"])
+                    save_checkpoint(best, self.path / BEST)
+                config = Config.from_dict(state["config"])
+                write_metrics(self.path / METRICS, config, history, environment)
+                save_checkpoint(state, self.path / LAST)
+        except OSError as error:
+            raise CheckpointError(
+                f"could not save epoch {history[-1]['epoch']} into {self.path} "
+                f"({error.strerror or error}); the files of the epochs before are kept: free "
+                f"space or make the folder writable, then python -m eva_utils train --resume "
+                f"{self.path}"
+            ) from None
+
+    def saved_epochs(self) -> int:
+        """How many epochs ``last.pt`` holds now (0 if none or unreadable)."""
+        try:
+            return len(load_checkpoint(self.path / LAST)["history"])
+        except CheckpointError:
+            return 0

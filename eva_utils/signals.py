@@ -1,0 +1,57 @@
+"""Ctrl-C and SIGTERM: both stop the program the same way, but never in the middle of a write.
+
+A SIGTERM (``kill``, a job scheduler, Colab stopping a cell) is turned into the
+KeyboardInterrupt that Ctrl-C raises, so one ``except KeyboardInterrupt`` handles both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+def _in_main_thread() -> bool:
+    # Python lets only the main thread install signal handlers.
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt as Ctrl-C does."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has finished, then raise KeyboardInterrupt.
+
+    Around checkpoint writes: an interrupt inside ``torch.save`` surfaces as a RuntimeError
+    from its zip writer instead of a KeyboardInterrupt, so the write is let finish (it takes a
+    fraction of a second) and the interrupt is handled after it.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda s, frame: caught.append(s)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        raise KeyboardInterrupt

@@ -1,0 +1,75 @@
+"""The package's shape: no module imports another that imports it back (directly or through
+others), whether at the top, inside a function or only for type checkers; and each trick that
+must be done one way (the atomic rename) is done in one place."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "eva_utils"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The eva_utils modules that ``path`` imports anywhere in its source."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:  # from .config import Config
+                found.add(node.module.split(".")[0])
+            else:  # from . import analysis
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("eva_utils."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(
+                alias.name.split(".")[1]
+                for alias in node.names
+                if alias.name.startswith("eva_utils.")
+            )
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {path.stem: path for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    return {name: imported_modules(path) & modules.keys() for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path of module names, or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for child in sorted(graph[node]):
+            if state.get(child) == "open":
+                return [*path[path.index(child) :], child] if child in path else [node, child]
+            if child not in state and (cycle := visit(child, [*path, child])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_among_the_modules_type_checking_imports_included():
+    graph = import_graph()
+    assert "runfolder" in graph["engine"]  # the graph is really read
+    assert find_cycle(graph) is None
+
+
+def test_one_module_does_the_atomic_rename():
+    renaming = [
+        path.name
+        for path in PACKAGE.glob("*.py")
+        if "os.replace(" in path.read_text() or ".rename(" in path.read_text()
+    ]
+    assert renaming == ["files.py"]

@@ -133,20 +133,34 @@ class Config:
         return cls().replace(**values)
 
 
-def parse_field(name: str, text: str) -> Any:
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+# What the text of each kind of field may be, for the error that refuses other text.
+ACCEPTS = {
+    int: "a whole number",
+    int | None: "a whole number or none",
+    float: "a number",
+    bool: "true or false (or 1/0, yes/no)",
+}
+
+
+def parse_field(name: str, text: str, source: str | None = None) -> Any:
     """A Config field's value from text, as CLI flags and ``EVA_<FIELD>`` variables give it:
-    "none" for an optional field, a comma list for ``augment``, true/false for a switch."""
+    "none" for an optional field, a comma list for ``augment``, true/false for a switch.
+    Other text is a ConfigError naming ``source`` (default: the field) and what it accepts."""
     kind = typing.get_type_hints(Config)[name]
     if kind in (int | None, str | None) and text.lower() == "none":
         return None
-    if kind is bool:
-        return text.lower() in ("1", "true", "yes")
     if kind == tuple[str, ...]:
         return tuple(part for part in text.split(",") if part and part != "none")
-    if kind in (int, int | None):
-        return int(text)
-    if kind is float:
-        return float(text)
+    try:
+        if kind is bool:
+            return SWITCH_WORDS[text.strip().lower()]  # a typo ("flase") must not mean False
+        if kind in (int, int | None):
+            return int(text)  # refuses "1e3" and "1.0": a count is never rounded silently
+        if kind is float:
+            return float(text)
+    except (KeyError, ValueError):
+        raise ConfigError(f"{source or name} must be {ACCEPTS[kind]}, got {text!r}") from None
     return text
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from . import analysis
 from .config import RESUMABLE_CHANGES, Config, get_preset, parse_field
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet
 from .engine import environment, load_datasets, select_device
-from .errors import DataError, EvaError
+from .errors import ConfigError, DataError, EvaError
 from .files import make_scratch_folder, remove_dead_scratch
 from .loaders import DeviceLoader
 from .results import (
@@ -40,6 +41,8 @@ from .results import (
 from .runfolder import BEST, METRICS, holds_run
 
 SMOKE_ENV = "EVA_SMOKE"
+RUN_DIR_ENV = "EVA_RUN_DIR"
+OVERRIDE_PREFIX = "EVA_"
 # A run that exercises every cell in seconds on a CPU, with no data set and no network.
 SMOKE = {"epochs": 1, "data": "synthetic", "train_size": 256, "test_size": 128, "device": "cpu"}
 COLAB_GPU_ADVICE = (
@@ -68,17 +71,37 @@ def device_report(name: str = "auto") -> str:
 def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
     """The preset with the parameter cell's ``values``, then any environment overrides."""
     config = get_preset(preset).replace(**values)
-    overrides = {}
-    for field in dataclasses.fields(Config):
-        text = os.environ.get(f"EVA_{field.name.upper()}")
-        if text is not None:
-            overrides[field.name] = parse_field(field.name, text)
+    variables = _override_variables()
+    overrides = {name: parse_field(name, os.environ[v], source=v) for v, name in variables.items()}
     if smoke_mode():
         overrides.update(SMOKE)
         print(f"{SMOKE_ENV}=1: a smoke run on synthetic data, not a real result")
     for name, value in overrides.items():
         print(f"override: {name} = {value!r} (the cell says {getattr(config, name)!r})")
-    return config.replace(**overrides)
+    try:
+        return config.replace(**overrides)
+    except ConfigError as error:
+        if not variables:
+            raise
+        given = ", ".join(f"{v}={os.environ[v]}" for v in variables)
+        raise ConfigError(f"{error} (the environment sets {given})") from None
+
+
+def _override_variables() -> dict[str, str]:
+    """The ``EVA_<FIELD>`` variables that are set, with their fields. Any other ``EVA_``
+    variable but the notebook's own (EVA_SMOKE...) is a ConfigError: a misspelt override
+    (``EVA_EPOCH``) would otherwise be ignored without a word."""
+    fields = {f"{OVERRIDE_PREFIX}{f.name.upper()}": f.name for f in dataclasses.fields(Config)}
+    own = {SMOKE_ENV, RUN_DIR_ENV, REFERENCE_ENV}
+    for variable in sorted(os.environ):
+        if variable.startswith(OVERRIDE_PREFIX) and variable not in {*fields, *own}:
+            close = difflib.get_close_matches(variable, [*fields, *own], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(
+                f"{variable} names no Config field ({hint}rename or unset it): EVA_<FIELD> "
+                f"overrides a field, and {', '.join(sorted(own))} are the notebook's own"
+            )
+    return {variable: name for variable, name in fields.items() if variable in os.environ}
 
 
 SMOKE_PREFIX = "eva8-smoke-"
@@ -102,8 +125,8 @@ def run_folder(parent: str, config: Config) -> Path:
         folder = make_scratch_folder(tempfile.gettempdir(), SMOKE_PREFIX)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return folder
-    if "EVA_RUN_DIR" in os.environ:
-        folder = Path(os.environ["EVA_RUN_DIR"])
+    if RUN_DIR_ENV in os.environ:
+        folder = Path(os.environ[RUN_DIR_ENV])
         print(f"override: run folder = {str(folder)!r}")
     else:
         folder = Path(parent) / recipe_name(config)

@@ -4,11 +4,15 @@ killed processes is removed."""
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -211,3 +215,176 @@ def test_unsafe_archive_member_is_refused_and_nothing_is_left(member, kind, link
     assert "use a trusted copy of the data set" in message and "complete download" not in message
     assert list(cache.iterdir()) == []  # no scratch, no half-extracted cache
     assert not (tmp_path / "evil.txt").exists()
+
+
+# --- an extraction disturbed while it runs --------------------------------------------------------
+
+
+def manifest_count(folder: Path) -> int:
+    return json.loads((folder / ".manifest.json").read_text())["archive_images"]
+
+
+@pytest.mark.parametrize("deleted", ["images", "scratch", "cache"])
+def test_files_deleted_during_extraction_are_noticed_and_nothing_is_kept(
+    deleted, tmp_path, monkeypatch
+):
+    """A cleaner deletes what was extracted so far when half the archive's members are out:
+    the images (some of them), the scratch folder, or the whole cache folder. tarfile recreates
+    the folders and extracts the rest, so only counting against the archive notices."""
+    archive = write_archive(write_image_folder(tmp_path / "tiny"), tmp_path / "tiny.tar.gz")
+    cache = tmp_path / "cache"
+    extractall = tarfile.TarFile.extractall
+
+    def extract_with_a_cleaner(self, path, *args, filter, **kwargs):
+        members = self.getmembers()
+
+        def clean_midway(member, destination):
+            if member is members[len(members) // 2]:
+                if deleted == "images":
+                    for image in sorted(Path(destination).rglob("*.png"))[::2]:
+                        image.unlink()
+                else:
+                    shutil.rmtree(destination if deleted == "scratch" else cache)
+            return tarfile.data_filter(member, destination)
+
+        extractall(self, path, *args, filter=clean_midway, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract_with_a_cleaner)
+    message = load_error(archive, cache)
+    assert f"files were deleted from {cache} while {archive} was extracted into it" in message
+    assert f"of its {sum(TINY_COUNTS)} images are left" in message and "run again" in message
+    assert not cache.exists() or list(cache.iterdir()) == []  # no scratch, no short cache
+    monkeypatch.undo()  # the cleaner is gone: the next run extracts it whole
+    train, test = load_cifar10(archive, cache_dir=cache)
+    assert (len(train), len(test)) == TINY_COUNTS
+    assert manifest_count(extract_archive(archive, cache)) == sum(TINY_COUNTS)
+
+
+def test_cache_counted_from_survivors_by_an_older_version_is_extracted_again(tmp_path):
+    """Older versions wrote the manifest from the images that reached the disk: a cache that
+    lost files during its extraction had a manifest and decoded tensors that agreed on too few
+    images, and every later run trained on them. Its manifest is not trusted."""
+    data = write_image_folder(tmp_path / "tiny")
+    archive = write_archive(data, tmp_path / "tiny.tar.gz")
+    cache = tmp_path / "cache"
+    folder = extract_archive(archive, cache)
+    (folder / "tiny" / "test" / "dog" / "0001.png").unlink()  # lost during the extraction
+    survivors = load_cifar10(folder / "tiny")
+    torch.save([dict(images=s.images, labels=s.labels, classes=list(s.classes)) for s in survivors],
+               folder / ".decoded.pt")  # fmt: skip
+    (folder / ".manifest.json").write_text(json.dumps({"images": sum(TINY_COUNTS) - 1}))
+    train, test = load_cifar10(archive, cache_dir=cache)
+    assert (len(train), len(test)) == TINY_COUNTS
+    assert manifest_count(folder) == sum(TINY_COUNTS)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["plain", "dot-slash", "top-level", "hidden-and-other-files", "files-only"],
+)
+def test_archive_image_count_is_what_loading_decodes(layout, tmp_path):
+    """The count taken from the archive's member list against the images loading finds on disk:
+    a ./ prefix, train/ and test/ at the top, hidden folders, non-image files and archives
+    without folder members."""
+    data = write_image_folder(tmp_path / "tiny")
+    if layout == "hidden-and-other-files":
+        (data / "train" / "cat" / "notes.txt").write_text("not an image")
+        (data / "train" / ".thumbnails").mkdir()  # a hidden folder is no class
+        shutil.copy(data / "train" / "dog" / "0000.png", data / "train" / ".thumbnails")
+        (data / "train" / "dog" / "0009.PNG").write_bytes(
+            (data / "train/dog/0000.png").read_bytes()
+        )
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        if layout == "files-only":
+            for image in sorted(data.rglob("*.png")):
+                tar.add(image, arcname=f"tiny/{image.relative_to(data)}")
+        else:
+            arcname = {"dot-slash": "./tiny", "top-level": "."}.get(layout, "tiny")
+            tar.add(data, arcname=arcname)
+    folder = extract_archive(archive, tmp_path / "cache")
+    train, test = load_cifar10(archive, cache_dir=tmp_path / "cache")
+    assert manifest_count(folder) == len(train) + len(test)
+    assert len(train) + len(test) == sum(TINY_COUNTS) + (layout == "hidden-and-other-files")
+
+
+# --- cache locations that cannot be used ----------------------------------------------------------
+
+
+def refuse(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.fixture
+def archive(tmp_path) -> Path:
+    return write_archive(write_image_folder(tmp_path / "tiny"), tmp_path / "tiny.tar.gz")
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_eva8_cache_that_is_or_is_under_a_file_is_one_line(where, archive, tmp_path, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cache = a_file if where == "file" else a_file / "eva8"
+    monkeypatch.setenv("EVA8_CACHE", str(cache))
+    message = load_error(archive)
+    assert f"the archive cache {cache} (from EVA8_CACHE)" in message
+    if where == "file":
+        assert "is a file, not a folder" in message
+    else:
+        assert f"cannot be made: {a_file} is a file, not a folder" in message
+    assert message.endswith("set EVA8_CACHE to a writable folder")
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_eva8_cache_that_cannot_be_written_is_one_line(code, archive, tmp_path, monkeypatch):
+    """Tests run as root, who may write anywhere: the refusal is simulated where the scratch
+    folder is made, as a read-only mount or a folder of another user refuses it."""
+    monkeypatch.setenv("EVA8_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse(code))
+    message = load_error(archive)
+    assert f"cannot write into the archive cache {tmp_path / 'cache'} (from EVA8_CACHE)" in message
+    assert f"({os.strerror(code)}): set EVA8_CACHE to a writable folder" in message
+
+
+def test_an_unwritable_home_with_an_archive_is_one_line(archive, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("EVA8_CACHE")
+    mkdir = Path.mkdir
+
+    def read_only_home(self, *args, **kwargs):
+        if self.is_relative_to(home):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_home)
+    message = load_error(archive)
+    place = home / ".cache" / "eva8"
+    assert f"cannot write into the archive cache {place} (Permission denied)" in message
+    assert message.endswith("set EVA8_CACHE to a writable folder")
+
+
+def test_a_full_disk_during_extraction_names_the_cache_not_the_archive(
+    archive, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tarfile.TarFile, "extractall", refuse(errno.ENOSPC))
+    message = load_error(archive, tmp_path / "cache")
+    assert f"cannot write into the archive cache {tmp_path / 'cache'} (No space left" in message
+    assert "pass a writable cache_dir" in message and "complete download" not in message
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_empty_eva8_cache_counts_as_unset(archive, tmp_path, monkeypatch):
+    """EVA8_CACHE= once extracted CIFAR-10 (413 MB) into the working folder."""
+    monkeypatch.setenv("EVA8_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    folder = extract_archive(archive)
+    assert folder.parent == tmp_path / "home" / ".cache" / "eva8"
+    assert list(work.iterdir()) == []

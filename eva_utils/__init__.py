@@ -25,7 +25,8 @@ _EXPORTS = {
 }  # fmt: skip
 _SUBMODULES = (
     "analysis", "checkpoint", "cli", "config", "data", "engine", "errors", "gbn", "loaders",
-    "model", "notebook", "plots", "progress", "receptive_field", "results", "summary",
+    "model", "notebook", "plots", "pretrained", "progress", "receptive_field", "results",
+    "summary",
 )  # fmt: skip
 
 __all__ = [

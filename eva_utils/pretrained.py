@@ -3,7 +3,8 @@ are: a release asset of the repository, checked by its full sha256, cached by to
 
 The asset is the reference run's ``best.pt`` (``results/session8-h100``) with its weights stored
 in fp16, half the size of the fp32 file; they are read back into the fp32 model, and the test
-accuracy in fp32 evaluation is unchanged (the README says by how much). Its address is
+accuracy in fp32 evaluation is unchanged (87.87% on the 10,000 test images, 2 predictions
+differ; the README says how it was measured). Its address is
 ``<Repository>/releases/download/<RELEASE_TAG>/<asset name>``, with ``Repository`` taken from
 the installed package's metadata (``[project.urls]`` in ``pyproject.toml``), so a fork that
 publishes the same asset downloads from itself. ``EVA_PRETRAINED_URL`` replaces the whole

@@ -9,7 +9,7 @@ RESULT ?= results/session8-h100
 # the README's "Does Ghost BatchNorm help here?" figure
 COMPARE ?= results/session8-h100 results/session8-bn-nodropout-h100
 
-.PHONY: install train test lint format figures notebook-outputs benchmark lab clean
+.PHONY: install train test lint format figures notebook-outputs release-asset benchmark lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ notebook-outputs: $(STAMP)
 		--ExecutePreprocessor.timeout=1800 session8_resnet18_gbn.ipynb receptive_fields.ipynb
 	$(PY) notebooks/strip_progress_bars.py notebooks/session8_resnet18_gbn.ipynb \
 		notebooks/receptive_fields.ipynb
+
+## the trained model's release asset: the reference run's best.pt with fp16 weights (22.4 MB),
+## written into dist/ (ignored; never commit it) with its size and sha256, which must be
+## eva_utils/pretrained.py's SHA256; attach it to the release named there
+REFERENCE_CHECKPOINT ?= ../shared/reference-runs/session8-h100/best.pt
+release-asset: $(STAMP)
+	$(PY) -m eva_utils.pretrained $(REFERENCE_CHECKPOINT) --out dist
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -26,8 +26,8 @@ _EXPORTS = {
 }  # fmt: skip
 _SUBMODULES = (
     "analysis", "cli", "config", "data", "engine", "errors", "files", "gbn", "loaders", "model",
-    "notebook", "plots", "progress", "receptive_fields", "results", "runfolder", "signals",
-    "summary",
+    "notebook", "plots", "pretrained", "progress", "receptive_fields", "results", "runfolder",
+    "signals", "summary",
 )  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import analysis
+from . import analysis, pretrained
 from .config import RESUMABLE_CHANGES, Config, get_preset, parse_field
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet
 from .engine import environment, load_datasets, select_device
@@ -174,7 +174,9 @@ def reference_run(name: str = REFERENCE) -> RecordedRun:
 def reference_checkpoint() -> Path | None:
     """The folder of the reference run's trained model (``best.pt``), if this machine has it:
     ``$EVA_REFERENCE_RUN``, else ``runs/session8-h100`` in the clone (a downloaded copy, or
-    your own full run), else ``../shared/reference-runs/session8-h100`` beside the clone."""
+    your own full run), else ``../shared/reference-runs/session8-h100`` beside the clone, else
+    the published model downloaded into torch.hub's cache (not in smoke mode: no network).
+    A failed download is said in one line and gives None."""
     if REFERENCE_ENV in os.environ:
         candidates = [Path(os.environ[REFERENCE_ENV])]
     else:
@@ -184,7 +186,14 @@ def reference_checkpoint() -> Path | None:
             for folder in (root / "runs" / REFERENCE,
                            root.parent / "shared" / "reference-runs" / REFERENCE)
         ]  # fmt: skip
-    return next((c for c in candidates if (c / BEST).is_file()), None)
+    local = next((c for c in candidates if (c / BEST).is_file()), None)
+    if local is not None or smoke_mode():
+        return local
+    try:
+        return pretrained.download()
+    except EvaError as error:
+        print(error)
+        return None
 
 
 def trained_or_untrained(run: str | Path | None = None) -> analysis.TrainedModel:

@@ -152,7 +152,8 @@ def run_notebook(path: Path, cwd: Path, env: dict) -> subprocess.CompletedProces
 
 
 def test_receptive_field_notebook_runs_on_a_fresh_clone_without_a_trained_model(tmp_path):
-    """No ../shared, no run folder, no network: an untrained model, said so, top to bottom."""
+    """No ../shared, no run folder, no release to download: an untrained model, said so, top
+    to bottom."""
     notebook = nbformat.read(ROOT / "notebooks" / "receptive_fields.ipynb", 4)
     parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     parameters.source += '\nDATA = "synthetic"  # injected by the test: no CIFAR-10 offline'
@@ -161,12 +162,15 @@ def test_receptive_field_notebook_runs_on_a_fresh_clone_without_a_trained_model(
     nbformat.write(notebook, copy)
     env = {key: value for key, value in os.environ.items() if not key.startswith("EVA_")} | {
         "EVA_REFERENCE_RUN": str(tmp_path / "no-such-run"),
+        "EVA_PRETRAINED_URL": (tmp_path / "no-such-asset.pt").as_uri(),  # offline: never GitHub
+        "TORCH_HOME": str(tmp_path / "torch"),
         "PYTHONPATH": str(ROOT),
     }
     done = run_notebook(copy, copy.parent, env)
     assert done.returncode == 0, done.stderr[-3000:]
     executed = nbformat.read(copy.parent / "executed.ipynb", 4)
     text = "\n".join(stored_text(c) for c in executed.cells if c.cell_type == "code")
+    assert "could not download the trained model from file://" in text
     assert "model: an UNTRAINED session8 ResNet18" in text
     assert "test images: " in text
 

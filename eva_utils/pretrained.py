@@ -1,0 +1,180 @@
+"""The reference run's trained model for every student, downloaded the way torchvision's weights
+are: a release asset of the repository, checked by its full sha256, cached by torch.hub.
+
+The asset is the reference run's ``best.pt`` (``results/session8-h100``) with its weights stored
+in fp16, half the size of the fp32 file; they are read back into the fp32 model, and the test
+accuracy in fp32 evaluation is unchanged (87.87% on the 10,000 test images, 2 predictions
+differ; the README says how it was measured). Its address is
+``<Repository>/releases/download/<RELEASE_TAG>/<asset name>``, with ``Repository`` taken from
+the installed package's metadata (``[project.urls]`` in ``pyproject.toml``), so a fork that
+publishes the same asset downloads from itself. ``EVA_PRETRAINED_URL`` replaces the whole
+address: a mirror, a local copy (``file:///path/to/asset.pt``), the tests; the sha256 stays
+:data:`SHA256`, so only the published file is accepted.
+
+The download lands in torch.hub's cache (``$TORCH_HOME/hub/checkpoints``, by default
+``~/.cache/torch/hub/checkpoints``) as a run folder named like the asset, with the sha256 prefix
+that names torchvision's files: ``eva8-session8-h100-<sha256[:8]>/best.pt``, which
+``analysis.load_trained_model(download())`` reads. A second call finds it there and downloads
+nothing.
+
+``make release-asset`` (``python -m eva_utils.pretrained CHECKPOINT --out dist``) writes the
+asset from a checkpoint and prints its size and sha256: byte for byte the same file on every
+run (with the same torch version), so :data:`SHA256` is that digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import importlib.metadata
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.error import HTTPError
+from urllib.request import Request
+
+import torch
+
+from .errors import CheckpointError
+from .files import atomic_rename, atomic_write
+from .runfolder import BEST, load_checkpoint
+
+DISTRIBUTION = "eva8"  # the package whose metadata names the repository
+RELEASE_TAG = "session8-h100"
+ASSET_STEM = "eva8-session8-h100"
+# sha256 of the asset that `make release-asset` writes from
+# ../shared/reference-runs/session8-h100/best.pt (torch 2.14).
+SHA256 = "d43e003f03e93a21da61f237c94ad19c085d3f7013256265548997f07f765617"
+URL_ENV = "EVA_PRETRAINED_URL"
+
+
+def asset_name(sha256: str = SHA256) -> str:
+    """The asset's file name: the run's name and, as torchvision's, its sha256 prefix."""
+    return f"{ASSET_STEM}-{sha256[:8]}.pt"
+
+
+def repository() -> str:
+    """The repository address in the installed package's metadata (``[project.urls]``)."""
+    try:
+        urls = importlib.metadata.metadata(DISTRIBUTION).get_all("Project-URL") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise CheckpointError(
+            f"the {DISTRIBUTION} package is not installed, so the repository to download the "
+            f"trained model from is unknown: pip install -e . in the clone, or set {URL_ENV}"
+        ) from None
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip() == "Repository":
+            return url.strip().removesuffix("/")
+    raise CheckpointError(
+        f"the {DISTRIBUTION} package names no Repository in [project.urls]: set {URL_ENV}"
+    )
+
+
+def release_url() -> str:
+    """Where the asset is published: ``$EVA_PRETRAINED_URL``, else the repository's release."""
+    if os.environ.get(URL_ENV):
+        return os.environ[URL_ENV]
+    return f"{repository()}/releases/download/{RELEASE_TAG}/{asset_name()}"
+
+
+def download(url: str | None = None, sha256: str | None = None, progress: bool = True) -> Path:
+    """The run folder, in torch.hub's cache, whose ``best.pt`` is the asset at ``url`` (default
+    :func:`release_url`) with this ``sha256`` (default :data:`SHA256`): downloaded if it is not
+    there yet, and kept only if its full sha256 matches. Raises CheckpointError, in one line, if
+    it cannot be."""
+    sha256 = sha256 or SHA256
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    folder = cache / Path(asset_name(sha256)).stem
+    if (folder / BEST).is_file():
+        return folder
+    url = url or release_url()
+    downloaded = cache / asset_name(sha256)
+    try:
+        Request(url)  # a malformed URL fails here, before torch.hub creates its partial file
+        cache.mkdir(parents=True, exist_ok=True)
+        # hash_prefix=the whole digest: torch.hub compares that many characters, and moves the
+        # file into place only when they match (it deletes its partial file otherwise).
+        torch.hub.download_url_to_file(url, str(downloaded), hash_prefix=sha256, progress=progress)
+    except RuntimeError as error:
+        if "invalid hash value" not in str(error):
+            raise
+        raise CheckpointError(
+            f"{url} is not the published trained model (its sha256 differs from "
+            f"{sha256[:8]}...): nothing was kept; check {URL_ENV} or the release's asset"
+        ) from None
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        # "HTTP Error 404: Not Found"; a URLError's reason, without its "<urlopen error>"
+        reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
+        raise CheckpointError(
+            f"could not download the trained model from {url} ({reason}): check the network, "
+            f"or set {URL_ENV} to a copy of {asset_name(sha256)}"
+        ) from None
+    folder.mkdir(exist_ok=True)
+    atomic_rename(downloaded, folder / BEST)
+    return folder
+
+
+# --- the release asset -------------------------------------------------------------------------
+
+
+def half_precision(state: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint ``state`` with its floating-point weights in fp16 (integer counters kept).
+    Raises CheckpointError if a weight is beyond fp16's range."""
+    model = {
+        name: tensor.half() if tensor.is_floating_point() else tensor
+        for name, tensor in state["model"].items()
+    }
+    overflow = [
+        name for name, t in model.items() if t.is_floating_point() and not t.isfinite().all()
+    ]
+    if overflow:
+        raise CheckpointError(f"{overflow[0]} does not fit in fp16: keep this checkpoint in fp32")
+    return {**state, "model": model}
+
+
+def write_asset(source: str | Path, out: str | Path) -> Path:
+    """Write the release asset of the checkpoint ``source`` (weights in fp16) into the folder
+    ``out``, named with its sha256 prefix; returns its path."""
+    state = half_precision(load_checkpoint(Path(source)))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # the eva8 checkpoint format, as read back by load_checkpoint
+    data = buffer.getvalue()
+    path = Path(out) / asset_name(hashlib.sha256(data).hexdigest())
+    atomic_write(path, lambda file: file.write(data))
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m eva_utils.pretrained",
+        description="Write the trained model's release asset (weights in fp16) from a checkpoint.",
+    )
+    parser.add_argument("checkpoint", help="an eva8 best.pt, e.g. the reference run's")
+    parser.add_argument("--out", default="dist", help="folder for the asset (default: dist)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_asset(args.checkpoint, args.out)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    digest = file_sha256(path)
+    pinned = "the pinned SHA256" if digest == SHA256 else "NOT the pinned SHA256"
+    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {digest} ({pinned})")
+    print(f"attach it to the release {RELEASE_TAG} as {path.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The trained model's release asset and its download: built from a made-up checkpoint, served
+from a local URL (``file://`` or an HTTP server on 127.0.0.1) into a temporary torch.hub cache.
+Offline: no test reaches the repository's real release."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+
+from eva_utils import notebook, pretrained, runfolder
+from eva_utils.config import get_preset
+from eva_utils.data import CIFAR10_CLASSES
+from eva_utils.engine import build_model
+from eva_utils.errors import CheckpointError
+
+from .conftest import ROOT
+
+REFERENCE_BEST = ROOT.parent / "shared" / "reference-runs" / "session8-h100" / "best.pt"
+CONFIG = get_preset("session8").replace(data="synthetic", device="cpu")
+
+
+def write_best(folder: Path, model: dict[str, torch.Tensor]) -> Path:
+    """A run folder whose best.pt holds ``model`` as an eva8 checkpoint (made-up numbers)."""
+    state = {
+        "config": CONFIG.to_dict(),
+        "classes": list(CIFAR10_CLASSES),
+        "model": model,
+        "epoch": 3,
+        "test_acc": 0.5,
+    }
+    runfolder.save_checkpoint(state, folder / runfolder.BEST)
+    return folder / runfolder.BEST
+
+
+def tiny_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A few tensors of the kinds a state dict holds; no value is exact in fp16."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "conv1.weight": torch.randn(4, 3, 3, 3, generator=generator, dtype=torch.float64).float(),
+        "bn1.running_var": torch.rand(4, generator=generator) + 0.1,
+        "bn1.num_batches_tracked": torch.tensor(391),
+    }
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch.hub cache for this test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert Path(torch.hub.get_dir()) == tmp_path / "torch" / "hub"
+    return tmp_path / "torch" / "hub"
+
+
+@pytest.fixture
+def asset(tmp_path) -> Path:
+    return pretrained.write_asset(write_best(tmp_path / "run", tiny_weights()), tmp_path / "dist")
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """(folder, base URL) of an HTTP server on 127.0.0.1 serving the folder."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def cached_files(hub: Path) -> list[Path]:
+    return [path for path in hub.rglob("*") if path.is_file()]
+
+
+# --- the asset ---------------------------------------------------------------------------------
+
+
+def test_asset_holds_the_weights_in_fp16_and_the_rest_unchanged(tmp_path, asset):
+    original = runfolder.load_checkpoint(tmp_path / "run" / runfolder.BEST)
+    stored = runfolder.load_checkpoint(asset)
+    assert {k: v for k, v in stored.items() if k != "model"} == {
+        k: v for k, v in original.items() if k != "model"
+    }
+    for name, tensor in original["model"].items():
+        expected = tensor.half() if tensor.is_floating_point() else tensor
+        assert stored["model"][name].dtype == expected.dtype, name
+        torch.testing.assert_close(stored["model"][name], expected, rtol=0, atol=0)
+
+
+def test_asset_name_carries_its_sha256_prefix(asset):
+    digest = pretrained.file_sha256(asset)
+    assert asset.name == pretrained.asset_name(digest) == f"eva8-session8-h100-{digest[:8]}.pt"
+
+
+def test_asset_is_byte_for_byte_reproducible(tmp_path, asset):
+    again = pretrained.write_asset(tmp_path / "run" / runfolder.BEST, tmp_path / "again")
+    assert again.name == asset.name
+    assert again.read_bytes() == asset.read_bytes()
+
+
+def test_a_weight_beyond_fp16_is_refused(tmp_path):
+    best = write_best(tmp_path / "run", {"linear.weight": torch.tensor([1.0, 70000.0])})
+    with pytest.raises(CheckpointError, match="linear.weight does not fit in fp16"):
+        pretrained.write_asset(best, tmp_path / "dist")
+
+
+@pytest.mark.skipif(not REFERENCE_BEST.is_file(), reason=f"no reference run at {REFERENCE_BEST}")
+def test_pinned_sha256_is_what_make_release_asset_writes(tmp_path):
+    """The published asset is the reference run's best.pt in fp16, written by this code (with
+    this torch's file format: after a torch upgrade, a failure here means a new asset)."""
+    asset = pretrained.write_asset(REFERENCE_BEST, tmp_path)
+    assert pretrained.file_sha256(asset) == pretrained.SHA256
+    assert asset.name == pretrained.asset_name()
+
+
+# --- the address -------------------------------------------------------------------------------
+
+
+def test_release_url_is_a_release_asset_of_the_repository_in_pyproject(monkeypatch):
+    monkeypatch.delenv(pretrained.URL_ENV, raising=False)
+    repository = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert pretrained.release_url() == (
+        f"{repository['Repository']}/releases/download/{pretrained.RELEASE_TAG}/"
+        f"eva8-session8-h100-{pretrained.SHA256[:8]}.pt"
+    )
+
+
+def test_environment_variable_replaces_the_address(monkeypatch):
+    monkeypatch.setenv(pretrained.URL_ENV, "https://mirror.example/eva8.pt")
+    assert pretrained.release_url() == "https://mirror.example/eva8.pt"
+
+
+# --- the download ------------------------------------------------------------------------------
+
+
+def test_download_gives_the_fp16_rounded_weights_in_the_hub_cache(hub, asset):
+    sha256 = pretrained.file_sha256(asset)
+    folder = pretrained.download(asset.as_uri(), sha256, progress=False)
+    assert folder == hub / "checkpoints" / asset.stem
+    downloaded = runfolder.load_checkpoint(folder / runfolder.BEST)["model"]
+    for name, tensor in tiny_weights().items():
+        expected = tensor.half() if tensor.is_floating_point() else tensor
+        torch.testing.assert_close(downloaded[name], expected, rtol=0, atol=0)
+
+
+def test_download_over_http(hub, asset, http_root):
+    root, base = http_root
+    (root / asset.name).write_bytes(asset.read_bytes())
+    folder = pretrained.download(f"{base}/{asset.name}", pretrained.file_sha256(asset), False)
+    assert (folder / runfolder.BEST).read_bytes() == asset.read_bytes()
+
+
+def test_second_download_is_served_from_the_cache(hub, asset, monkeypatch):
+    sha256 = pretrained.file_sha256(asset)
+    first = pretrained.download(asset.as_uri(), sha256, progress=False)
+    downloads = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: downloads.append(a))
+    assert pretrained.download(asset.as_uri(), sha256, progress=False) == first
+    assert downloads == []
+
+
+def test_wrong_checksum_is_refused_in_one_line_and_nothing_is_cached(hub, asset):
+    wrong = "0" * 64
+    with pytest.raises(CheckpointError) as error:
+        pretrained.download(asset.as_uri(), wrong, progress=False)
+    assert "is not the published trained model" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert cached_files(hub) == []
+    assert not (hub / "checkpoints" / Path(pretrained.asset_name(wrong)).stem).exists()
+
+
+@pytest.mark.parametrize("where", ["missing file", "http 404", "closed port", "no scheme"])
+def test_unreachable_url_gives_one_line(hub, tmp_path, http_root, where):
+    url = {
+        "missing file": (tmp_path / "no-such-asset.pt").as_uri(),
+        "http 404": f"{http_root[1]}/no-such-asset.pt",
+        "closed port": "http://127.0.0.1:9/no-such-asset.pt",  # discard: nothing listens
+        "no scheme": str(tmp_path / "no-such-asset.pt"),
+    }[where]
+    with pytest.raises(CheckpointError) as error:
+        pretrained.download(url, "0" * 64, progress=False)
+    message = str(error.value)
+    assert message.startswith(f"could not download the trained model from {url} (")
+    assert pretrained.URL_ENV in message and "\n" not in message
+    assert cached_files(hub) == []
+
+
+# --- the notebooks -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_local_reference(tmp_path, monkeypatch):
+    """No local best.pt of the reference run, no smoke mode."""
+    monkeypatch.setenv(notebook.REFERENCE_ENV, str(tmp_path / "no-such-run"))
+    monkeypatch.delenv(notebook.SMOKE_ENV, raising=False)
+
+
+def test_notebook_uses_the_download_when_no_local_copy_exists(
+    hub, tmp_path, monkeypatch, capsys, no_local_reference
+):
+    """The notebook's model is the download, read back into fp32: the fp16-rounded weights."""
+    model = build_model(CONFIG, len(CIFAR10_CLASSES)).state_dict()
+    asset = pretrained.write_asset(write_best(tmp_path / "reference", model), tmp_path / "dist")
+    monkeypatch.setenv(pretrained.URL_ENV, asset.as_uri())
+    monkeypatch.setattr(pretrained, "SHA256", pretrained.file_sha256(asset))
+    trained = notebook.trained_or_untrained()
+    assert "the reference run's trained ResNet18" in capsys.readouterr().out
+    assert trained.folder == hub / "checkpoints" / asset.stem
+    loaded = trained.model.state_dict()
+    assert not torch.equal(model["conv1.weight"], model["conv1.weight"].half().float())
+    for name, tensor in model.items():
+        expected = tensor.half().float() if tensor.is_floating_point() else tensor
+        torch.testing.assert_close(loaded[name], expected, rtol=0, atol=0)
+
+
+def test_notebook_falls_back_when_the_download_fails(
+    hub, tmp_path, monkeypatch, capsys, no_local_reference
+):
+    url = (tmp_path / "no-such-asset.pt").as_uri()
+    monkeypatch.setenv(pretrained.URL_ENV, url)
+    trained = notebook.trained_or_untrained()
+    failure, model_line = capsys.readouterr().out.splitlines()
+    assert failure.startswith(f"could not download the trained model from {url}")
+    assert model_line.startswith("model: an UNTRAINED session8 ResNet18")
+    assert trained.epoch == 0
+
+
+def test_smoke_mode_downloads_nothing(hub, asset, monkeypatch, no_local_reference):
+    monkeypatch.setenv(notebook.SMOKE_ENV, "1")
+    monkeypatch.setenv(pretrained.URL_ENV, asset.as_uri())
+    monkeypatch.setattr(pretrained, "SHA256", pretrained.file_sha256(asset))
+    assert notebook.reference_checkpoint() is None
+    assert cached_files(hub) == []

@@ -176,23 +176,24 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--preset cannot change a resumed run: {out} continues with the settings in its "
                 "checkpoint (flags such as --epochs still apply)"
             )
-        folder = RunFolder.open(out, resume=True)
-        changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-        config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
-        if folder.epochs_done >= config.epochs:
-            print(
-                f"{out} is already complete: it holds epochs 1-{folder.epochs_done} and --epochs "
-                f"is {config.epochs}, so there is nothing to train (give --epochs above "
-                f"{folder.epochs_done} to train longer)"
-            )
-            return
+        with RunFolder.open(out, resume=True) as folder:
+            changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+            config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
+            if folder.epochs_done >= config.epochs:
+                print(
+                    f"{out} is already complete: it holds epochs 1-{folder.epochs_done} and "
+                    f"--epochs is {config.epochs}, so there is nothing to train (give --epochs "
+                    f"above {folder.epochs_done} to train longer)"
+                )
+                return
+            history = fit(config, out=folder, progress=not args.quiet)
     elif args.out is None:
         raise EvaError("train needs --out runs/NAME (or --resume runs/NAME)")
     else:
         out, config = args.out, config_from_args(args)
         # Before loading any data: refusing takes a second, not a data set's loading time.
-        folder = RunFolder.open(out)
-    history = fit(config, out=folder, progress=not args.quiet)
+        with RunFolder.open(out) as folder:
+            history = fit(config, out=folder, progress=not args.quiet)
     figures = save_history_figures(history, out)
     s = summarize_history(history)
     print(

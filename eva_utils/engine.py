@@ -538,6 +538,20 @@ def fit(
     how to resume.
     """
     folder = _open_run_folder(out, resume, config)  # before loading data: refusing is instant
+    try:
+        return _fit(config, folder, datasets, progress, on_epoch)
+    finally:
+        if folder is not None and folder is not out:  # opened here: let the next trainer in
+            folder.close()
+
+
+def _fit(
+    config: Config,
+    folder: RunFolder | None,
+    datasets: tuple[ImageSet, ImageSet] | None,
+    progress: bool,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
     run = None
     with sigterm_as_interrupt():
         try:

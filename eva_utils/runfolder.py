@@ -9,7 +9,13 @@ these files; what goes into them comes from the objects that own it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ from .signals import signals_deferred
 FORMAT = "eva8-checkpoint"
 METRICS_FORMAT = "eva8-metrics"
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.json"
+LOCK = ".lock"  # held by the one process that trains in the folder; removed when it stops
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 
 
@@ -140,36 +147,64 @@ def holds_run(path: str | Path) -> bool:
 
 @dataclass
 class RunFolder:
-    """A run folder opened for training: checked once, its ``last.pt`` read once.
+    """A run folder opened for training: checked once, its ``last.pt`` read once, and locked, so
+    that one process at a time trains in it.
 
     ``state`` is the run state that ``last.pt`` holds when the run is resumed, None for a new
     run. The policy, one for the CLI, :func:`~eva_utils.engine.fit` and the notebooks: a new run
     needs a folder without a run in it; a resumed run needs one with a ``last.pt``, the same
-    recipe (:func:`check_same_recipe`), and a folder that can take the next checkpoint.
+    recipe (:func:`check_same_recipe`), and a folder that can take the next checkpoint; neither
+    starts while another process trains there. Close it (or use it as a context manager) to let
+    the next one in.
     """
 
     path: Path
     state: dict[str, Any] | None = None
+    _lock: int | None = field(default=None, repr=False)
+    _created: bool = field(default=False, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, *, resume: bool = False) -> RunFolder:
-        """Check ``path`` for a new run (``resume=False``) or read it to resume one. Creates
-        nothing; raises CheckpointError, in one line, saying what to do instead."""
+        """Lock ``path`` and check it for a new run (``resume=False``), or read it to resume
+        one. Raises RunFileError, in one line, saying what to do instead."""
         path = Path(path)
-        if not resume:
-            if holds_run(path):
+        if resume and not holds_run(path):
+            raise CheckpointError(
+                f"{path} has no checkpoint ({LAST}) to resume: start a new run with --out"
+            )
+        check_output_folder(path, "--resume" if resume else "--out")
+        folder = cls(path, _created=not path.exists())
+        path.mkdir(parents=True, exist_ok=True)
+        folder._lock = _acquire_lock(path)
+        try:
+            if not resume and holds_run(path):
                 raise CheckpointError(
                     f"{path} already holds a run: continue it with --resume {path}, or choose "
                     "another --out"
                 )
-            check_output_folder(path)
-            return cls(path)
-        if not holds_run(path):
-            raise CheckpointError(
-                f"{path} has no checkpoint ({LAST}) to resume: start a new run with --out"
-            )
-        check_output_folder(path, "--resume")
-        return cls(path, load_checkpoint(path / LAST))
+            if resume:
+                folder.state = load_checkpoint(path / LAST)
+        except BaseException:
+            folder.close()
+            raise
+        return folder
+
+    def close(self) -> None:
+        """Let another process train here; a folder this one made and left empty goes too."""
+        if self._lock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / LOCK)  # while still holding it: see _acquire_lock
+            os.close(self._lock)
+            self._lock = None
+        if self._created:
+            with contextlib.suppress(OSError):  # not empty: the run's files stay
+                self.path.rmdir()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def saved_config(self) -> Config | None:
@@ -228,3 +263,59 @@ class RunFolder:
             return len(load_checkpoint(self.path / LAST)["history"])
         except CheckpointError:
             return 0
+
+
+# --- the lock ----------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+
+def _acquire_lock(folder: Path) -> int | None:
+    """Hold ``folder``'s lock file (an flock, which the system releases when its process ends in
+    any way: a kill -9 never leaves the folder locked) and write who holds it. Returns the open
+    file; raises RunFileError naming the process that holds it. Where the platform has no flock
+    (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = folder / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd) or "another process"
+            os.close(fd)
+            raise RunFileError(
+                f"{folder} is being trained by {holder}: wait until it has finished (or stop "
+                "it), or choose another --out"
+            ) from None
+        # Its last holder may have unlinked the file between our open and our lock: then we
+        # hold a file nobody else will see, and must lock the one at the path instead.
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)
+    previous = _holder(fd)
+    if previous:
+        log.warning(
+            "%s: took over the run folder's lock from %s, which no longer holds it (it stopped "
+            "without releasing it: killed, or on another machine)", folder, previous
+        )
+    os.ftruncate(fd, 0)
+    host = socket.gethostname()
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": host, "since": since}).encode())
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """Who the lock file says holds it ("process 123 on HOST since ..."), or "" if empty."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode(errors="replace")
+    try:
+        holder = json.loads(text)
+        return f"process {holder['pid']} on {holder['host']} (since {holder['since']})"
+    except (ValueError, KeyError, TypeError):
+        return f"another process ({text.strip()!r})" if text.strip() else ""

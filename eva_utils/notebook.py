@@ -92,7 +92,7 @@ def _override_variables() -> dict[str, str]:
     variable but the notebook's own (EVA_SMOKE...) is a ConfigError: a misspelt override
     (``EVA_EPOCH``) would otherwise be ignored without a word."""
     fields = {f"{OVERRIDE_PREFIX}{f.name.upper()}": f.name for f in dataclasses.fields(Config)}
-    own = {SMOKE_ENV, RUN_DIR_ENV, REFERENCE_ENV}
+    own = {SMOKE_ENV, RUN_DIR_ENV, REFERENCE_ENV, pretrained.URL_ENV}
     for variable in sorted(os.environ):
         if variable.startswith(OVERRIDE_PREFIX) and variable not in {*fields, *own}:
             close = difflib.get_close_matches(variable, [*fields, *own], n=1)

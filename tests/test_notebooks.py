@@ -201,3 +201,64 @@ def _maintainer_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def colab_environment(tmp_path: Path, repository: str) -> dict[str, str]:
+    """A kernel environment as Colab's, offline: ``google.colab`` imported at start-up (a stub,
+    through sitecustomize), the setup cell's clone in ``tmp_path`` and pip installing into a
+    throwaway folder (no dependencies: Colab has them), never into this environment."""
+    stub = tmp_path / "colab-stub"
+    (stub / "google" / "colab").mkdir(parents=True)  # a namespace package, as google's is
+    (stub / "google" / "colab" / "__init__.py").write_text('"""A stand-in for Colab."""\n')
+    (stub / "sitecustomize.py").write_text("import google.colab  # noqa: F401\n")
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("EVA_", "PIP_", "PYTHON"))}
+    return keep | {
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(stub)]),
+        "PIP_TARGET": str(tmp_path / "site"),
+        "PIP_NO_DEPS": "1",
+        "PIP_NO_INDEX": "1",
+        "PIP_NO_BUILD_ISOLATION": "0",  # pip's spelling of --no-build-isolation
+        "EVA8_REPOSITORY": repository,
+        "EVA8_CLONE": str(tmp_path / "content" / "eva8"),
+        "EVA_SMOKE": "1",
+        "EVA_PRETRAINED_URL": (tmp_path / "no-such-asset.pt").as_uri(),
+        "TORCH_HOME": str(tmp_path / "torch"),
+    }
+
+
+def test_main_notebook_runs_as_in_colab_from_a_fresh_clone(tmp_path):
+    """The setup cell clones the repository (here: this checkout's committed HEAD, by its
+    file:// address), installs it non-editable, and every cell then runs in smoke mode from the
+    clone, the reference run found there; the developer's environment is left untouched."""
+    site_packages = Path(nbformat.__file__).parents[1]
+    before = sorted(os.listdir(site_packages))
+    notebook = nbformat.read(MAIN, 4)
+    notebook.cells.append(nbformat.v4.new_code_cell("print('imported from', eva_utils.__file__)"))
+    work = tmp_path / "content"
+    work.mkdir()
+    nbformat.write(notebook, work / MAIN.name)
+    done = run_notebook(work / MAIN.name, work, colab_environment(tmp_path, ROOT.as_uri()))
+    assert done.returncode == 0, done.stderr[-3000:]
+    executed = nbformat.read(work / "executed.ipynb", 4)
+    text = "\n".join(stored_text(c) for c in executed.cells if c.cell_type == "code")
+    assert f"imported from {tmp_path / 'site' / 'eva_utils' / '__init__.py'}" in text
+    assert "session8-h100" in text  # the reference run, from the clone's results/
+    assert (tmp_path / "content" / "eva8" / "results" / "session8-h100").is_dir()
+    assert sorted(os.listdir(site_packages)) == before
+
+
+def test_main_notebook_setup_cell_says_what_to_do_when_the_clone_fails(tmp_path):
+    (tmp_path / "content").mkdir()
+    setup = nbformat.v4.new_notebook(cells=[code_cells(MAIN)[0]])
+    setup.metadata = nbformat.read(MAIN, 4).metadata
+    nbformat.write(setup, tmp_path / "content" / "setup.ipynb")
+    nowhere = (tmp_path / "no-such-repository").as_uri()
+    done = run_notebook(
+        tmp_path / "content" / "setup.ipynb", tmp_path / "content",
+        colab_environment(tmp_path, nowhere),
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert (
+        f"could not clone {nowhere}: check the address (a fork sets REPOSITORY above, a mirror "
+        "EVA8_REPOSITORY) and that this runtime has a network"
+    ) in done.stderr

@@ -57,7 +57,7 @@ def test_misspelt_override_is_reported_with_the_field_it_resembles(monkeypatch):
 
 
 def test_the_notebooks_own_variables_are_no_overrides(monkeypatch, tmp_path):
-    for variable in ("EVA_SMOKE", "EVA_RUN_DIR", "EVA_REFERENCE_RUN"):
+    for variable in ("EVA_SMOKE", "EVA_RUN_DIR", "EVA_REFERENCE_RUN", "EVA_PRETRAINED_URL"):
         monkeypatch.setenv(variable, str(tmp_path) if variable != "EVA_SMOKE" else "0")
     monkeypatch.setenv("EVA_EPOCHS", "3")
     assert notebook_config().epochs == 3

@@ -19,7 +19,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from . import checkpoint
-from .config import PRESETS, RECIPE_FIELDS, TARGET_ACCURACY
+from .config import PRESETS, RECIPE_FIELDS, TARGET_ACCURACY, upgrade_config_dict
 from .errors import CheckpointError
 
 PROVENANCE = "provenance.json"
@@ -43,8 +43,9 @@ class RecordedRun:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The run's config as recorded; a peer's data fields come from its provenance."""
-        return self.metrics.get("config") or self.provenance
+        """The run's config as recorded (with today's field names: an ``amp`` switch reads as
+        its ``precision``); a peer's data fields come from its provenance."""
+        return upgrade_config_dict(self.metrics.get("config") or self.provenance)
 
     @property
     def peer(self) -> bool:

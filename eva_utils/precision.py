@@ -75,8 +75,8 @@ def decide(hardware: Hardware, precision: str = "auto", channels_last: bool = Tr
     the config's ``channels_last`` switch.
 
     channels_last stays as the config says everywhere: tensor-core and oneDNN bf16 kernels want
-    NHWC, and an fp32 training step on an AVX2 CPU was measured no slower in it (9% faster than
-    NCHW, interleaved, one thread: README, *What runs where*).
+    NHWC, and an fp32 training step on an AVX2 CPU was measured no slower in it (3% and 9%
+    faster than NCHW in two interleaved one-thread runs: README, *What runs where*).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

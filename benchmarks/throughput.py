@@ -5,8 +5,9 @@
 (a) plain: the loop every course writes: fp32, NCHW, a torch DataLoader over PIL transforms
     (``eva_utils.loaders.torchvision_loader``, crop + flip) and ``.item()`` every step;
 (b) library: ``eva_utils.engine.train`` on exactly what ``fit()`` builds by default (``Run``):
-    DeviceLoader (crop + flip on the device), channels_last, the autocast dtype of
-    ``eva_utils.engine.autocast_dtype``, progress bar on;
+    DeviceLoader (crop + flip on the device), the precision and memory format that
+    ``eva_utils.precision.choose_precision`` picks (``--precision``, ``--no-channels-last``
+    change them), progress bar on;
 (c) bound: a bare forward / backward / step on one pre-loaded batch, with (b)'s precision and
     memory format: no data loading and no metrics at all.
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eva_utils.config import Config, get_preset
+from eva_utils.config import PRECISIONS, Config, get_preset
 from eva_utils.data import ImageSet, balanced_subset, load_cifar10, synthetic_cifar10
 from eva_utils.engine import Run, build_model, build_optimizer, environment, select_device
 from eva_utils.loaders import DeviceLoader, torchvision_loader
@@ -65,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--preset", default="session8", help="the model and optimiser settings")
+    parser.add_argument(
+        "--precision", default="auto", choices=PRECISIONS, help="(b) and (c)'s precision"
+    )
+    parser.add_argument(
+        "--channels-last", default=True, action=argparse.BooleanOptionalAction,
+        help="(b) and (c) in channels_last (default) or NCHW",
+    )  # fmt: skip
     parser.add_argument(
         "--data", default="auto", help="auto (real CIFAR-10 if present), synthetic, or a path"
     )
@@ -156,7 +164,7 @@ def bound_variant(config: Config, train_set: ImageSet, state: Run) -> Callable:
         generator=torch.Generator().manual_seed(config.seed), channels_last=config.channels_last,
     )  # fmt: skip
     images, labels = next(iter(loader))
-    scaler = torch.amp.GradScaler(state.device.type, enabled=state.amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(state.device.type, enabled=state.precision.scaler)
     autocast = (
         torch.autocast(state.device.type, dtype=state.amp_dtype)
         if state.amp_dtype is not None
@@ -238,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or preset.batch_size
     config = preset.replace(
         device=str(device), batch_size=batch_size, augment=AUGMENT, max_batches=args.steps,
-        loader="device", channels_last=True, amp=True, compile=False,
+        loader="device", channels_last=args.channels_last, precision=args.precision,
+        compile=False,
     )  # fmt: skip
     # +2: more batches than are ever drawn, so no loader starts a second epoch (and re-forks
     # its workers) during the run.
@@ -252,15 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         "library": library,
         "bound": bound_variant(config, train_set, state),
     }
-    precision = str(state.amp_dtype).replace("torch.", "") if state.amp_dtype else "fp32"
+    precision = state.precision.describe()
     command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     print(f"command:  {command}")
     print(f"hardware: {hardware(device)}; device {device}")
     print(f"torch:    {torch.__version__}")
     print(
         f"model:    {config.arch} ({args.preset} preset: norm {config.norm}, dropout "
-        f"{config.dropout}), SGD, batch {batch_size}; library and bound in {precision}, "
-        "channels_last"
+        f"{config.dropout}), SGD, batch {batch_size}; library and bound in {precision}"
     )
     print(f"data:     {len(train_set):,} {data_note}, augmentation {'+'.join(AUGMENT)}")
     print(

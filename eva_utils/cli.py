@@ -40,7 +40,8 @@ def _field_type(name: str):
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field (``--train-size``, ``--no-amp``...), default: the preset's."""
+    """One flag per Config field (``--train-size``, ``--no-channels-last``...), default: the
+    preset's."""
     hints = typing.get_type_hints(Config)
     group = parser.add_argument_group("hyperparameters (default: the preset's value)")
     for field in dataclasses.fields(Config):

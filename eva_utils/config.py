@@ -16,6 +16,7 @@ from .errors import ConfigError
 TARGET_ACCURACY = 0.85  # the assignment's bar, drawn on every accuracy plot
 AUGMENTATIONS = ("crop", "flip", "rotate")
 SCHEDULES = ("step", "onecycle")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # what each means: eva_utils.precision
 LOADERS = ("device", "torchvision")
 
 
@@ -61,8 +62,9 @@ class Config:
     device: str = _knob("auto", "auto (cuda, then mps, then cpu), or a torch device")
     loader: str = _knob("device", "device (batches built on the device) or torchvision (PIL)")
     channels_last: bool = _knob(True, "channels_last memory format")
-    amp: bool = _knob(
-        True, "mixed precision: bf16 on CUDA (fp16 on older GPUs) and on CPUs with bf16 support"
+    precision: str = _knob(
+        "auto",
+        "auto (bf16 where native, fp16 + gradient scaler on CUDA 7.x, else fp32), bf16, fp16, fp32",
     )
     compile: bool = _knob(False, "torch.compile the model")
     num_workers: int = _knob(2, "DataLoader workers (torchvision loader only)")
@@ -105,6 +107,8 @@ class Config:
             yield f"arch must be resnet18 or resnet34, got {self.arch!r}"
         if self.schedule not in SCHEDULES:
             yield f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+        if self.precision not in PRECISIONS:
+            yield f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
         if self.loader not in LOADERS:
             yield f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}"
         unknown = set(self.augment) - set(AUGMENTATIONS)
@@ -130,7 +134,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        return cls().replace(**values)
+        """The config a ``to_dict()`` recorded, also one recorded before ``precision`` replaced
+        the ``amp`` switch."""
+        return cls().replace(**upgrade_config_dict(values))
+
+
+def upgrade_config_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with today's field names: ``amp`` (a switch until ``precision``
+    replaced it) becomes ``precision`` auto (amp on) or fp32 (amp off)."""
+    if "amp" not in values:
+        return values
+    upgraded = {k: v for k, v in values.items() if k != "amp"}
+    upgraded.setdefault("precision", "auto" if values["amp"] else "fp32")
+    return upgraded
 
 
 SWITCH_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
@@ -226,5 +242,5 @@ def divergence_advice(config: Config) -> str:
 RECIPE_FIELDS = (
     "arch", "norm", "num_splits", "dropout", "epochs", "batch_size", "lr", "momentum", "nesterov",
     "weight_decay", "decay_norm_bias", "label_smoothing", "schedule", "step_size", "gamma",
-    "warmup", "augment", "rotate_degrees", "tta_flip", "seed",
+    "warmup", "augment", "rotate_degrees", "tta_flip", "seed", "precision",
 )  # fmt: skip

@@ -2,8 +2,8 @@
 ``fit`` runs a whole :class:`~eva_utils.config.Config` and returns its history.
 
 The fast path is on by default where it helps and each part can be switched off in the config:
-channels_last, mixed precision (bf16 on CUDA where supported, else fp16 with a gradient scaler;
-bf16 on CPUs with native bf16 instructions), metrics accumulated on the device and read once per
+channels_last, mixed precision (bf16 or fp16 with a gradient scaler where the hardware computes
+them natively: :mod:`eva_utils.precision`), metrics accumulated on the device and read once per
 epoch, batches built on the device, and optionally ``torch.compile``.
 """
 
@@ -31,6 +31,7 @@ from .data import ImageSet, balanced_subset, load_cifar10, synthetic_cifar10
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from .loaders import DeviceLoader, torchvision_loader
 from .model import ARCHITECTURES
+from .precision import choose_precision
 from .progress import tqdm
 from .runfolder import LAST, RunFolder, load_weights
 from .signals import sigterm_as_interrupt
@@ -69,27 +70,9 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
-    """The mixed-precision dtype for ``device``, or None for plain fp32."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def _cpu_has_native_bf16() -> bool:
-    """True where the CPU has bf16 instructions (AVX512-BF16 on x86, BF16 on Arm). oneDNN's own
-    check also says yes on any AVX-512 CPU (Skylake to Ice Lake), which emulates bf16 more slowly
-    than it computes fp32."""
-    try:
-        if platform.machine().lower() in ("x86_64", "amd64"):
-            return bool(torch.cpu._is_avx512_bf16_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The mixed-precision dtype ``precision`` means on ``device``, or None for plain fp32."""
+    return choose_precision(device, precision).dtype
 
 
 def seed_everything(seed: int) -> None:
@@ -375,10 +358,9 @@ class Run:
         )
         # What train and test call: the model itself, or its compiled version (same weights).
         self.compiled = torch.compile(self.model) if config.compile else self.model
-        self.amp_dtype = autocast_dtype(self.device, config.amp)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.amp_dtype == torch.float16
-        )
+        self.precision = choose_precision(self.device, config.precision, config.channels_last)
+        self.amp_dtype = self.precision.dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaler)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_loader, self.test_loader = build_loaders(
             config, self.train_set, self.test_set, self.device, self.generator

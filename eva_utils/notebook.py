@@ -31,6 +31,7 @@ from .engine import environment, load_datasets, select_device
 from .errors import ConfigError, DataError, EvaError
 from .files import make_scratch_folder, remove_dead_scratch
 from .loaders import DeviceLoader
+from .precision import choose_precision
 from .results import (
     RecordedRun,
     describe_data,
@@ -59,10 +60,16 @@ def smoke_mode() -> bool:
     return os.environ.get(SMOKE_ENV) == "1"
 
 
-def device_report(name: str = "auto") -> str:
-    """'Device: ...' with the GPU or CPU name, and advice when Colab runs without a GPU."""
+def device_report(name: str = "auto", precision: str = "auto", channels_last: bool = True) -> str:
+    """'Device: ...' with the GPU (and its compute capability) or CPU name and the precision
+    training will use, and advice when Colab runs without a GPU."""
     device = select_device(name)
-    report = f"Device: {device.type.upper()} ({environment(device)['device_name']})"
+    hardware = environment(device)["device_name"]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        hardware += f", compute capability {major}.{minor}"
+    chosen = choose_precision(device, precision, channels_last)
+    report = f"Device: {device.type.upper()} ({hardware}); training in {chosen.describe()}"
     if in_colab() and device.type != "cuda":
         report += "\n" + COLAB_GPU_ADVICE
     return report

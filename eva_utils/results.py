@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .analysis import REPORT_NAME, load_report
-from .config import PRESETS, RECIPE_FIELDS, TARGET_ACCURACY
+from .config import PRESETS, RECIPE_FIELDS, TARGET_ACCURACY, upgrade_config_dict
 from .errors import RunFileError
 from .files import read_json
 from .plots import plot_comparison
@@ -46,8 +46,9 @@ class RecordedRun:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The run's config as recorded; a peer's data fields come from its provenance."""
-        return self.metrics.get("config") or self.provenance
+        """The run's config as recorded (with today's field names: an ``amp`` switch reads as
+        its ``precision``); a peer's data fields come from its provenance."""
+        return upgrade_config_dict(self.metrics.get("config") or self.provenance)
 
     @property
     def peer(self) -> bool:

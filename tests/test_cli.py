@@ -39,6 +39,17 @@ def test_train_on_a_tiny_image_folder_writes_metrics_checkpoints_and_graphs(tmp_
         assert_real_png(out / name)
 
 
+def test_train_in_fp16_with_a_gradient_scaler_on_the_cpu(tmp_path):
+    """fp16 is emulated on most CPUs (about ten times slower than fp32), so one small step."""
+    out = tmp_path / "run"
+    run("train", "--precision", "fp16", "--device", "cpu", "--data", "synthetic",
+        "--train-size", "16", "--test-size", "10", "--batch-size", "16", "--epochs", "1",
+        "--out", out, "--quiet")  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["precision"] == "fp16"
+    assert [row["epoch"] for row in metrics["history"]] == [1]
+
+
 def test_plot_redraws_the_graphs_without_training(tmp_path):
     out = tmp_path / "run"
     run("train", "--data", "synthetic", "--train-size", "32", "--test-size", "16",

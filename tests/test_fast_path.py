@@ -19,7 +19,9 @@ from eva_utils.engine import test as evaluate
 from eva_utils.loaders import DeviceLoader, torchvision_loader
 from eva_utils.model import resnet18
 
-PLAIN = dict(amp=False, channels_last=False, loader="torchvision", compile=False, num_workers=0)
+PLAIN = dict(
+    precision="fp32", channels_last=False, loader="torchvision", compile=False, num_workers=0
+)
 TINY = dict(data="synthetic", train_size=16, test_size=10, batch_size=8, device="cpu")
 
 
@@ -35,9 +37,9 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
         )
 
 
-def test_amp_off_means_fp32_everywhere():
+def test_fp32_means_fp32_everywhere():
     for device in ("cpu", "cuda", "mps"):
-        assert autocast_dtype(torch.device(device), amp=False) is None
+        assert autocast_dtype(torch.device(device), precision="fp32") is None
     run = Run(Config(**PLAIN, **TINY), progress=False)
     assert run.amp_dtype is None
     assert not run.scaler.is_enabled()
@@ -146,12 +148,12 @@ def test_max_batches_fetches_no_batch_it_does_not_train_on():
 @pytest.mark.skipif(
     autocast_dtype(torch.device("cpu")) is None, reason="this CPU has no native bf16"
 )
-def test_amp_switch_changes_only_the_precision():
+def test_bf16_changes_only_the_precision():
     """With bf16 the epoch differs slightly from fp32 (it really is mixed precision), but not by
     much (it is the same computation)."""
     config = Config(**{**PLAIN, "loader": "device"}, **TINY)
     fp32 = Run(config, progress=False)
-    bf16 = Run(config.replace(amp=True), progress=False)
+    bf16 = Run(config.replace(precision="auto"), progress=False)
     assert bf16.amp_dtype == torch.bfloat16
     plain, mixed = fp32.train_epoch(1), bf16.train_epoch(1)
     assert mixed["loss"] != plain["loss"]

@@ -17,7 +17,7 @@ BAD_VALUES = [
     ("TRAIN_SIZE", "1e3", "a whole number or none"),
     ("SEED", "1.0", "a whole number"),
     ("LR", "1,5", "a number"),
-    ("AMP", "flase", "true or false (or 1/0, yes/no)"),
+    ("CHANNELS_LAST", "flase", "true or false (or 1/0, yes/no)"),
 ]
 
 
@@ -46,8 +46,8 @@ def test_override_that_cannot_be_read_names_the_variable(field, text, accepts, m
 
 @pytest.mark.parametrize(("text", "value"), [("true", True), ("No", False), ("0", False)])
 def test_switch_overrides_read_the_words_they_accept(text, value, monkeypatch):
-    monkeypatch.setenv("EVA_AMP", text)
-    assert notebook_config().amp is value
+    monkeypatch.setenv("EVA_CHANNELS_LAST", text)
+    assert notebook_config().channels_last is value
 
 
 def test_misspelt_override_is_reported_with_the_field_it_resembles(monkeypatch):
@@ -68,7 +68,9 @@ def test_override_the_config_refuses_names_the_variable(monkeypatch):
     assert message == "epochs must be a positive integer, got 0 (the environment sets EVA_EPOCHS=0)"
 
 
-@pytest.mark.parametrize(("field", "text", "accepts"), [v for v in BAD_VALUES if v[0] != "AMP"])
+@pytest.mark.parametrize(
+    ("field", "text", "accepts"), [v for v in BAD_VALUES if v[0] != "CHANNELS_LAST"]
+)
 def test_the_cli_says_the_same_bad_values_in_one_line(field, text, accepts, capsys):
     """argparse turns the parser's ConfigError (a ValueError) into its own usage error: the
     last line names the flag and the value, and there is no traceback."""

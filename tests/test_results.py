@@ -70,7 +70,7 @@ def test_the_recorded_command_reproduces_the_recorded_config(name):
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "eva_utils"]
     config = config_from_args(build_parser().parse_args(argv[3:]))
-    recorded = run.metrics["config"]
+    recorded = run.config  # a config recorded with the amp switch reads as its precision
     for field in (*RECIPE_FIELDS, "data", "train_size", "test_size"):
         expected = recorded[field]
         actual = getattr(config, field)

@@ -32,6 +32,8 @@ CASES = {
     "session8-torchvision": get_preset("session8").replace(
         **TINY, loader="torchvision", num_workers=0
     ),
+    # fp16 with a gradient scaler, whose state (scale, growth tracker) last.pt must carry
+    "session8-fp16": get_preset("session8").replace(**TINY, precision="fp16"),
 }
 CLI_TINY = [
     "--data", "synthetic", "--train-size", "16", "--test-size", "10", "--batch-size", "8",
@@ -87,6 +89,16 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(name, uninterrupted, 
     torch.testing.assert_close(ours["model"], theirs["model"], rtol=0, atol=0)
     torch.testing.assert_close(ours["optimizer"], theirs["optimizer"], rtol=0, atol=0)
     assert ours["scheduler"] == theirs["scheduler"]
+    assert ours["scaler"] == theirs["scaler"]
+
+
+def test_fp16_run_saves_its_gradient_scaler_in_last_pt(uninterrupted):
+    _, out = uninterrupted("session8-fp16")
+    scaler = runfolder.load_checkpoint(out / runfolder.LAST)["scaler"]
+    assert {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"} <= (
+        scaler.keys()
+    )
+    assert scaler["_growth_tracker"] > 0  # its successful steps since the last change of scale
 
 
 def test_resuming_a_finished_run_trains_nothing_and_returns_its_history(uninterrupted):

@@ -9,6 +9,8 @@ these files; what goes into them comes from the objects that own it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ FORMAT = "eva8-checkpoint"
 METRICS_FORMAT = "eva8-metrics"
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.json"
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+BEST_KEYS = ("config", "classes", "model", "epoch", "test_acc")  # what best.pt holds
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -40,8 +43,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda file: torch.save({"format": FORMAT, **state}, file))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read an eva8 checkpoint (weights only: nothing in it is executed)."""
+def load_checkpoint(path: str | Path, needs: Sequence[str] = ()) -> dict[str, Any]:
+    """Read an eva8 checkpoint (weights only: nothing in it is executed) that holds the keys
+    ``needs``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train first, or check the run folder")
@@ -53,7 +57,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an eva8 checkpoint")
+    missing = [key for key in needs if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} has no {' or '.join(missing)}: it is not a {path.name} that "
+            "python -m eva_utils train wrote; train the run again"
+        )
     return state
+
+
+def check_classes(path: str | Path, saved: Sequence[str], classes: Sequence[str], fix: str) -> None:
+    """Refuse data whose class names differ from those ``path`` was trained on, order included:
+    the model's outputs are the classes in that order. ``fix`` says what to do instead."""
+    if list(saved) != list(classes):
+        raise CheckpointError(
+            f"{path} was trained on the classes {list(saved)}, the data has {list(classes)}: {fix}"
+        )
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str) -> None:
@@ -87,7 +106,9 @@ def write_metrics(path: Path, config: Config, history: list[dict], env: dict[str
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
-    """Read and check a metrics.json written by eva8."""
+    """Read and check a metrics.json written by eva8: a ``history`` of epochs 1, 2, ... with
+    finite numbers and accuracies that are fractions in [0, 1], a ``config`` object (or none)
+    and an ``environment`` object. Raises RunFileError, in one line, naming what is wrong."""
     path = Path(path)
     metrics = read_json(path, "give the metrics.json of a run")
     history = metrics.get("history") if isinstance(metrics, dict) else None
@@ -100,14 +121,30 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
             f"{path} is not an eva8 metrics.json (expected a 'history' list of epochs with "
             f"{', '.join(HISTORY_KEYS)})"
         )
-    for row in history:
+    damaged = "the file was edited or damaged; use the metrics.json that training wrote"
+    for field in ("config", "environment"):
+        value = metrics.get(field, {} if field == "config" else None)
+        if not isinstance(value, dict):
+            raise RunFileError(f"{path}: {field} is {value!r}, not an object: {damaged}")
+    for number, row in enumerate(history, 1):
+        if row["epoch"] != number or not isinstance(row["epoch"], int):
+            raise RunFileError(
+                f"{path}: epoch {row['epoch']!r} is row {number} of the history, which must "
+                f"hold epochs 1, 2, 3, ... in order, once each: {damaged}"
+            )
         for key in HISTORY_KEYS:
             value = row[key]
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise RunFileError(
-                    f"{path}: {key} of epoch {row['epoch']!r} is {value!r}, not a number: the "
-                    "file was edited or damaged; use the metrics.json that training wrote"
-                )
+                problem = "not a number"
+            elif not math.isfinite(value):
+                problem = "not a finite number"
+            elif key.endswith("_acc") and not 0 <= value <= 1:
+                problem = "not a fraction in [0, 1]"
+            else:
+                continue
+            raise RunFileError(
+                f"{path}: {key} of epoch {number} is {value!r}, {problem}: {damaged}"
+            )
     return metrics
 
 

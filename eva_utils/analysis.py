@@ -28,7 +28,7 @@ from .files import atomic_write_text, read_json
 from .loaders import DeviceLoader
 from .plots import plot_confusion_matrix, plot_erf, plot_misclassified, plot_per_class_accuracy
 from .receptive_fields import RFRow, effective_receptive_field, layer_field
-from .runfolder import BEST, load_checkpoint, load_weights
+from .runfolder import BEST, BEST_KEYS, check_classes, load_checkpoint, load_weights
 
 BATCH_SIZE = 500  # evaluation batch: no gradients, so larger than a training batch
 ERF_IMAGES = 128  # images averaged for each effective receptive field
@@ -170,7 +170,7 @@ def load_trained_model(folder: str | Path) -> TrainedModel:
             f"python -m eva_utils train --out {folder}"
         )
     path = folder / BEST
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, needs=BEST_KEYS)
     config = Config.from_dict(state["config"])
     model = build_model(config, len(state["classes"]))
     load_weights(model, state, path)
@@ -370,7 +370,15 @@ def analyze(
     progress: bool = False,
 ) -> Report:
     """Evaluate ``run`` on ``test_set`` and measure its effective receptive field, and an
-    untrained twin's, on the first ``erf_images`` test images."""
+    untrained twin's, on the first ``erf_images`` test images. Raises CheckpointError when
+    ``test_set``'s classes are not the run's (other names, or the same in another order)."""
+    trained_on = run.folder / BEST if run.folder is not None else "the model"
+    check_classes(
+        trained_on,
+        run.classes,
+        test_set.classes,
+        "analyze it with the run's own data (--data PATH)",
+    )
     model = run.model.to(device)
     probs, labels = predictions(model, test_set, device=device, progress=progress)
     matrix = confusion_matrix(probs.argmax(1), labels, len(run.classes))

@@ -313,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Errors a user can fix print one line (exit 2); Ctrl-C and SIGTERM exit
     130, from the first moment on (training prints how to resume what it saved)."""
     debug, command = False, "train"
+    for stream in (sys.stdout, sys.stderr):
+        # A path the terminal's encoding cannot show (PYTHONIOENCODING=ascii, runs/ünï) is
+        # printed escaped: a message must never turn a finished run into a crash.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         with sigterm_as_interrupt():
             args = build_parser().parse_args(argv)

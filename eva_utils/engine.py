@@ -32,8 +32,8 @@ from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from .loaders import DeviceLoader, torchvision_loader
 from .model import ARCHITECTURES
 from .precision import choose_precision
-from .progress import tqdm
-from .runfolder import LAST, RunFolder, load_weights
+from .progress import bar, epoch_bar
+from .runfolder import LAST, RunFolder, check_classes, load_weights
 from .signals import sigterm_as_interrupt
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -107,7 +107,7 @@ def batch_bar(
     """
     total = min(len(loader), max_batches or math.inf) if hasattr(loader, "__len__") else None
     batches = itertools.islice(loader, max_batches)
-    return tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
+    return bar(batches, total=total, desc=desc, progress=progress, leave=False)
 
 
 class EpochMeter:
@@ -175,8 +175,8 @@ def train(
     device = torch.device(device)
     model.train()
     meter = EpochMeter(device)
-    bar = batch_bar(loader, max_batches=max_batches, desc=desc, progress=progress)
-    for step, batch in enumerate(bar):
+    batches = batch_bar(loader, max_batches=max_batches, desc=desc, progress=progress)
+    for step, batch in enumerate(batches):
         images, labels = _to_device(batch, device, channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images)
@@ -194,7 +194,7 @@ def train(
         meter.update(loss * len(labels), logits, labels)
         if progress and step % REFRESH_EVERY == REFRESH_EVERY - 1:
             meter.check_finite(desc)
-            bar.set_postfix(loss=f"{meter.loss:.3f}", refresh=False)
+            batches.set_postfix(loss=f"{meter.loss:.3f}", refresh=False)
     meter.check_finite(desc)
     return meter.result()
 
@@ -411,11 +411,9 @@ class Run:
         """Continue from ``state`` (:meth:`state_dict` of a run of the same recipe: the run
         folder checks that). On the CPU the continued run repeats the uninterrupted one
         exactly. Raises CheckpointError when this run cannot take the state."""
-        if list(state["classes"]) != list(self.classes):
-            raise CheckpointError(
-                f"the run was trained on the classes {list(state['classes'])}, the data now has "
-                f"{list(self.classes)}: resume with the run's own data (--data)"
-            )
+        check_classes(
+            LAST, state["classes"], self.classes, "resume with the run's own data (--data)"
+        )
         if self.config.schedule == "onecycle":
             saved_steps = state["scheduler"].get("total_steps")
             if saved_steps != self.scheduler.total_steps:
@@ -542,13 +540,15 @@ def _fit(
                 if folder.state is not None:
                     run.load_state_dict(folder.state)
                 folder.start()
-            bar = tqdm(
-                range(len(run.history) + 1, config.epochs + 1), desc="epochs",
-                initial=len(run.history), total=config.epochs, disable=not progress,
+            epochs = epoch_bar(
+                range(len(run.history) + 1, config.epochs + 1), total=config.epochs,
+                progress=progress,
             )  # fmt: skip
-            for epoch in bar:
+            for epoch in epochs:
                 row = _train_and_test(run, epoch)
-                bar.set_postfix(test_acc=f"{row['test_acc']:.2%}", loss=f"{row['test_loss']:.3f}")
+                epochs.set_postfix(
+                    test_acc=f"{row['test_acc']:.2%}", loss=f"{row['test_loss']:.3f}"
+                )
                 if folder is not None:
                     folder.save(run.state_dict(), environment(run.device))
                 if on_epoch is not None:

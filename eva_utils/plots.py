@@ -138,24 +138,44 @@ def plot_class_balance(counts: Sequence[int], classes: Sequence[str], title: str
     return fig
 
 
+# Lines of compared runs: each colour of matplotlib's default cycle with one line style and
+# marker, then again with the next, so that no two runs look alike.
+COLOURS = tuple(f"C{index}" for index in range(10))
+LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+MAX_COMPARED = len(COLOURS) * len(LINE_STYLES)  # runs one comparison figure can tell apart
+LEGEND_COLUMNS = 2
+
+
+def comparison_style(index: int) -> dict[str, str]:
+    """Colour, line style and marker of the ``index``-th compared run (distinct for the first
+    :data:`MAX_COMPARED`)."""
+    linestyle, marker = LINE_STYLES[index // len(COLOURS) % len(LINE_STYLES)]
+    return {"color": COLOURS[index % len(COLOURS)], "linestyle": linestyle, "marker": marker}
+
+
 def plot_comparison(
     histories: Sequence[History], labels: Sequence[str], title: str = "",
     target: float = TARGET_ACCURACY,
 ) -> Figure:  # fmt: skip
-    """Validation accuracy (left) and loss (right) of several runs, one line each."""
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    """Validation accuracy (left) and loss (right) of several runs (at most
+    :data:`MAX_COMPARED`), one line each, with one legend below both plots."""
+    if len(histories) > MAX_COMPARED:
+        raise ValueError(f"{len(histories)} runs: one figure tells at most {MAX_COMPARED} apart")
+    rows = -(-(len(histories) + 1) // LEGEND_COLUMNS)  # the legend's, with the target line
+    fig = Figure(figsize=(11, 4.2 + 0.2 * rows), layout="constrained")
     accuracy, loss = fig.subplots(1, 2)
-    for history, label in zip(histories, labels):
-        epochs = _epochs(history)
-        accuracy.plot(epochs, [100 * row["test_acc"] for row in history], "o-", ms=3, label=label)
-        loss.plot(epochs, [row["test_loss"] for row in history], "o-", ms=3, label=label)
+    for index, (history, label) in enumerate(zip(histories, labels)):
+        epochs, style = _epochs(history), comparison_style(index)
+        accuracy.plot(epochs, [100 * row["test_acc"] for row in history], ms=3, label=label,
+                      **style)  # fmt: skip
+        loss.plot(epochs, [row["test_loss"] for row in history], ms=3, **style)
     accuracy.axhline(100 * target, color="tab:red", linestyle=":", label=f"target {target:.0%}")
     accuracy.set(xlabel="epoch", ylabel="validation (test) accuracy (%)")
     loss.set(xlabel="epoch", ylabel="validation (test) loss (mean per image)")
     for ax in (accuracy, loss):
         ax.grid(alpha=0.3)
-    accuracy.legend(loc="lower right", fontsize=8)
-    loss.legend(loc="upper right", fontsize=8)
+    # One legend for both plots, outside them: over the axes, many runs would hide the lines.
+    fig.legend(loc="outside lower center", ncols=LEGEND_COLUMNS, fontsize=8, frameon=False)
     fig.suptitle(title or "Validation accuracy and loss", fontsize=10 if "\n" in title else None)
     return fig
 

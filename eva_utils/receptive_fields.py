@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .progress import tqdm
+from .progress import bar
 
 Size = tuple[int, ...]
 
@@ -508,7 +508,7 @@ def effective_receptive_field(
     total, count = torch.zeros(()), 0
     batches = itertools.chain([first], batches)
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        for images in tqdm(batches, desc="effective receptive field", disable=not progress):
+        for images in bar(batches, desc="effective receptive field", progress=progress):
             images = images.to(device).float().requires_grad_(True)
             captured.clear()
             probe(images)

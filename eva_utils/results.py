@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from .analysis import REPORT_NAME, load_report
 from .config import PRESETS, RECIPE_FIELDS, TARGET_ACCURACY, upgrade_config_dict
-from .errors import RunFileError
+from .errors import ConfigError, RunFileError
 from .files import read_json
-from .plots import plot_comparison
+from .plots import MAX_COMPARED, plot_comparison
 from .runfolder import METRICS, read_metrics
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ PEER_HISTORY = "history.json"
 # What the labels of compared runs always name; other recipe fields only where the runs differ.
 NORM_FIELDS = ("norm", "num_splits", "dropout")
 LABEL_FIELDS = (*RECIPE_FIELDS, "train_size", "test_size")
+UNKNOWN_RECIPE, UNKNOWN_DATA = "unknown recipe", "unknown data"
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,12 @@ class RecordedRun:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The run's config as recorded (with today's field names: an ``amp`` switch reads as
-        its ``precision``); a peer's data fields come from its provenance."""
-        return upgrade_config_dict(self.metrics.get("config") or self.provenance)
+        """The run's config as recorded, with today's field names (an ``amp`` switch reads as
+        its ``precision``; {} when its metrics.json has none); a peer's data fields come from
+        its provenance."""
+        return upgrade_config_dict(
+            self.metrics.get("config") or (self.provenance if self.peer else {})
+        )
 
     @property
     def peer(self) -> bool:
@@ -56,7 +60,8 @@ class RecordedRun:
 
     @property
     def hardware(self) -> str:
-        return self.provenance.get("hardware") or self.metrics["environment"]["device_name"]
+        recorded = self.provenance.get("hardware") or self.metrics["environment"].get("device_name")
+        return recorded or "unknown hardware"
 
     def summary(self) -> dict[str, Any]:
         return summarize_history(self.history)
@@ -86,6 +91,8 @@ def target_reached(summary: dict[str, Any], never: str = "not reached") -> str:
 
 def describe_data(config: dict[str, Any]) -> tuple[str, str]:
     """(data source name, "train/test" image counts) of a run's config, for captions and tables."""
+    if not config:
+        return UNKNOWN_DATA, "?"
     sizes = "/".join(
         f"{config.get(k):,}" if config.get(k) else "all" for k in ("train_size", "test_size")
     )
@@ -130,6 +137,11 @@ def _read_provenance(path: Path) -> dict[str, Any]:
     provenance = read_json(path, "give a run folder of results/")
     if not isinstance(provenance, dict):
         raise RunFileError(f"{path} is not a provenance record (a JSON object)")
+    if not isinstance(provenance.get("hardware", ""), str):
+        raise RunFileError(
+            f"{path}: hardware is {provenance['hardware']!r}, not text: write it as a string "
+            'such as "NVIDIA H100 80GB HBM3"'
+        )
     return provenance
 
 
@@ -240,8 +252,10 @@ def run_label(run: RecordedRun, others: Sequence[RecordedRun] = ()) -> str:
     runs follow different presets, else each other recipe field in which they differ."""
     if run.peer:
         return "peer: pytorch-cifar's own pipeline"
+    if not run.config:  # a metrics.json without a config: say so rather than guess BatchNorm
+        return UNKNOWN_RECIPE
     config, label = run.config, _norm_label(run.config)
-    mine = [o for o in others if not o.peer]
+    mine = [o for o in others if not o.peer and o.config]
     differing = [
         key
         for key in LABEL_FIELDS
@@ -303,9 +317,14 @@ def comparison_caption(runs: Sequence[RecordedRun]) -> str:
 def compare(*runs: str | Path | RecordedRun, title: str = "") -> tuple[Figure, str]:
     """Overlay the validation curves of ``runs`` (run folders, ``results/NAME`` folders or
     recorded runs) in one figure; returns (figure, comparison table as text)."""
-    recorded = [run if isinstance(run, RecordedRun) else read_recorded_run(run) for run in runs]
-    if not recorded:
+    if not runs:
         raise RunFileError("compare needs at least one run folder")
+    if len(runs) > MAX_COMPARED:
+        raise ConfigError(
+            f"compare draws at most {MAX_COMPARED} runs in one figure (more repeat colours and "
+            f"line styles), got {len(runs)}: compare them in groups"
+        )
+    recorded = [run if isinstance(run, RecordedRun) else read_recorded_run(run) for run in runs]
     figure = plot_comparison(
         [run.history for run in recorded], comparison_labels(recorded),
         title or comparison_caption(recorded),

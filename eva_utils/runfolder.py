@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ METRICS_FORMAT = "eva8-metrics"
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.json"
 LOCK = ".lock"  # held by the one process that trains in the folder; removed when it stops
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+BEST_KEYS = ("config", "classes", "model", "epoch", "test_acc")  # what best.pt holds
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -47,8 +50,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda file: torch.save({"format": FORMAT, **state}, file))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read an eva8 checkpoint (weights only: nothing in it is executed)."""
+def load_checkpoint(path: str | Path, needs: Sequence[str] = ()) -> dict[str, Any]:
+    """Read an eva8 checkpoint (weights only: nothing in it is executed) that holds the keys
+    ``needs``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train first, or check the run folder")
@@ -60,7 +64,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an eva8 checkpoint")
+    missing = [key for key in needs if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} has no {' or '.join(missing)}: it is not a {path.name} that "
+            "python -m eva_utils train wrote; train the run again"
+        )
     return state
+
+
+def check_classes(path: str | Path, saved: Sequence[str], classes: Sequence[str], fix: str) -> None:
+    """Refuse data whose class names differ from those ``path`` was trained on, order included:
+    the model's outputs are the classes in that order. ``fix`` says what to do instead."""
+    if list(saved) != list(classes):
+        raise CheckpointError(
+            f"{path} was trained on the classes {list(saved)}, the data has {list(classes)}: {fix}"
+        )
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str) -> None:
@@ -94,7 +113,9 @@ def write_metrics(path: Path, config: Config, history: list[dict], env: dict[str
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
-    """Read and check a metrics.json written by eva8."""
+    """Read and check a metrics.json written by eva8: a ``history`` of epochs 1, 2, ... with
+    finite numbers and accuracies that are fractions in [0, 1], a ``config`` object (or none)
+    and an ``environment`` object. Raises RunFileError, in one line, naming what is wrong."""
     path = Path(path)
     metrics = read_json(path, "give the metrics.json of a run")
     history = metrics.get("history") if isinstance(metrics, dict) else None
@@ -107,14 +128,30 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
             f"{path} is not an eva8 metrics.json (expected a 'history' list of epochs with "
             f"{', '.join(HISTORY_KEYS)})"
         )
-    for row in history:
+    damaged = "the file was edited or damaged; use the metrics.json that training wrote"
+    for key in ("config", "environment"):
+        value = metrics.get(key, {} if key == "config" else None)
+        if not isinstance(value, dict):
+            raise RunFileError(f"{path}: {key} is {value!r}, not an object: {damaged}")
+    for number, row in enumerate(history, 1):
+        if row["epoch"] != number or not isinstance(row["epoch"], int):
+            raise RunFileError(
+                f"{path}: epoch {row['epoch']!r} is row {number} of the history, which must "
+                f"hold epochs 1, 2, 3, ... in order, once each: {damaged}"
+            )
         for key in HISTORY_KEYS:
             value = row[key]
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise RunFileError(
-                    f"{path}: {key} of epoch {row['epoch']!r} is {value!r}, not a number: the "
-                    "file was edited or damaged; use the metrics.json that training wrote"
-                )
+                problem = "not a number"
+            elif not math.isfinite(value):
+                problem = "not a finite number"
+            elif key.endswith("_acc") and not 0 <= value <= 1:
+                problem = "not a fraction in [0, 1]"
+            else:
+                continue
+            raise RunFileError(
+                f"{path}: {key} of epoch {number} is {value!r}, {problem}: {damaged}"
+            )
     return metrics
 
 

@@ -137,3 +137,16 @@ def test_analyze_without_a_checkpoint_is_a_one_line_error(make, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("eva8: error:") and len(err.splitlines()) == 1
     assert str(folder) in err
+
+
+def test_analyze_refuses_the_same_classes_in_another_order():
+    from eva_utils import get_preset
+    from eva_utils.analysis import analyze, untrained_model
+    from eva_utils.data import ImageSet
+    from eva_utils.errors import CheckpointError
+
+    test_set = synthetic_cifar10(train_size=8, test_size=10)[1]
+    run = untrained_model(get_preset("session8"), test_set.classes)
+    shuffled = ImageSet(test_set.images, test_set.labels, test_set.classes[::-1])
+    with pytest.raises(CheckpointError, match=r"the data has \['truck', 'ship'.*own data"):
+        analyze(run, shuffled, erf_images=2)

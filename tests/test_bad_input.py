@@ -8,6 +8,7 @@ An exception escaping ``main`` would be a traceback for the user, and fails the 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -314,3 +315,105 @@ def test_weights_that_diverge_in_the_last_step_are_not_saved(tmp_path, capsys):
         f"{run / 'last.pt'} keeps epochs 1-1",
     )  # fmt: skip
     assert_last_good_epoch_kept(run, lr=0.016)
+
+
+# --- files of a run that were edited or damaged (issue "Reliability, round three") -------------
+
+
+def good_metrics() -> dict:
+    """A metrics.json as training writes it: two epochs."""
+    history = [
+        {"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.3 * e, "test_loss": 1.9 / e,
+         "test_acc": 0.35 * e, "lr": 0.016, "seconds": 1.0}
+        for e in (1, 2)
+    ]  # fmt: skip
+    config = get_preset("session8").replace(data="synthetic").to_dict()
+    return {"config": config, "environment": {"device_name": "cpu"}, "history": history}
+
+
+def _set(field: str, value):
+    def change(metrics: dict) -> None:
+        metrics[field] = value
+
+    return change
+
+
+def _set_epoch(index: int, key: str, value):
+    def change(metrics: dict) -> None:
+        metrics["history"][index][key] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set("config", "session8"), "config is 'session8', not an object"),
+        (_set_epoch(1, "test_acc", math.nan), "test_acc of epoch 2 is nan, not a finite number"),
+        (_set_epoch(0, "train_loss", math.inf), "train_loss of epoch 1 is inf, not a finite"),
+        (_set_epoch(1, "test_acc", 87.5), "test_acc of epoch 2 is 87.5, not a fraction in [0, 1]"),
+        (_set_epoch(1, "epoch", 1), "epoch 1 is row 2 of the history"),
+        (_set_epoch(1, "epoch", 3), "epoch 3 is row 2 of the history"),
+        (_set_epoch(0, "epoch", 2), "epoch 2 is row 1 of the history"),
+        (_set_epoch(1, "epoch", 1.5), "epoch 1.5 is row 2 of the history"),
+    ],
+    ids=["config-text", "nan", "inf", "percent", "duplicated", "missing", "reversed",
+         "fractional"],
+)  # fmt: skip
+def test_plot_refuses_metrics_with_impossible_values_naming_field_and_epoch(
+    change, message, tmp_path, capsys
+):
+    metrics = good_metrics()
+    change(metrics)
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    code, err = eva8(capsys, "plot", path, "--out", tmp_path / "images")
+    assert_one_line_error(code, err, message, str(path))
+    assert not (tmp_path / "images").exists()
+
+
+@pytest.mark.parametrize("command", ["compare", "figures"])
+def test_compare_and_figures_refuse_a_config_that_is_text(command, tmp_path, capsys):
+    metrics = good_metrics()
+    metrics["config"] = "session8"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
+    code, err = eva8(capsys, command, tmp_path / "run", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "config is 'session8', not an object")
+
+
+def test_compare_refuses_metrics_without_environment(tmp_path, capsys):
+    metrics = good_metrics()
+    del metrics["environment"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
+    code, err = eva8(capsys, "compare", tmp_path / "run", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "environment is None, not an object")
+
+
+def test_compare_refuses_a_provenance_whose_hardware_is_not_text(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(good_metrics()))
+    (tmp_path / "run" / "provenance.json").write_text('{"hardware": {"gpu": "H100"}}')
+    code, err = eva8(capsys, "compare", tmp_path / "run", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "hardware is {'gpu': 'H100'}, not text")
+
+
+@pytest.mark.parametrize("key", ["epoch", "classes"])
+def test_analyze_refuses_a_best_checkpoint_without_epoch_or_classes(key, tmp_path, capsys):
+    fake_run(tmp_path / "run")
+    best = tmp_path / "run" / runfolder.BEST
+    state = torch.load(best, weights_only=True)
+    del state[key]
+    torch.save(state, best)
+    code, err = eva8(capsys, "analyze", tmp_path / "run", "--quiet")
+    assert_one_line_error(code, err, f"{best} has no {key}", "train the run again")
+
+
+def test_analyze_refuses_data_whose_classes_are_not_the_checkpoints(tmp_path, capsys):
+    fake_run(tmp_path / "run")  # synthetic data: CIFAR-10's ten classes
+    other = write_image_folder(tmp_path / "other", per_class=8, classes=("ant", "bee", "cow"))
+    code, err = eva8(capsys, "analyze", tmp_path / "run", "--data", other, "--quiet")
+    line = assert_one_line_error(code, err, "best.pt was trained on the classes ['airplane'")
+    assert "the data has ['ant', 'bee', 'cow']: analyze it with the run's own data" in line
+    assert not (tmp_path / "run" / "analysis.json").exists()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .conftest import cli_env
+
 CLI = [sys.executable, "-m", "eva_utils"]
 FIGURES = {"validation_loss.png", "validation_accuracy.png"}
 
@@ -88,3 +90,31 @@ def test_every_config_field_has_a_train_flag():
     help_text = run("train", "--help").stdout
     for field in fields(Config):
         assert "--" + field.name.replace("_", "-") in help_text
+
+
+SMOKE = ["--data", "synthetic", "--train-size", "64", "--test-size", "32", "--batch-size", "8",
+         "--max-batches", "4", "--epochs", "2", "--device", "cpu"]  # fmt: skip
+
+
+def test_progress_piped_into_a_log_is_one_plain_line_per_epoch(tmp_path):
+    env = {**cli_env(), "NO_COLOR": "1"}
+    result = subprocess.run(
+        [*CLI, "train", *SMOKE, "--out", "run"], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "\x1b[" not in result.stderr and "\r" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], result.stderr
+    assert "test_acc" in lines[1]
+
+
+def test_a_run_that_succeeded_exits_0_where_the_output_cannot_show_its_path(tmp_path):
+    env = {**cli_env(), "PYTHONIOENCODING": "ascii"}
+    result = subprocess.run(
+        [*CLI, "train", *SMOKE, "--quiet", "--out", "runs/ünï"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "runs" / "ünï" / "best.pt").is_file()
+    assert "wrote runs/\\xfcn\\xef/metrics.json" in result.stdout

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 import eva_utils
 from eva_utils.cli import main
-from eva_utils.results import comparison_labels, read_recorded_run
+from eva_utils.results import RecordedRun, comparison_labels, read_recorded_run
 
 ROOT = Path(__file__).resolve().parents[1]
 GBN, BN = ROOT / "results" / "session8-h100", ROOT / "results" / "session8-bn-nodropout-h100"
@@ -77,4 +78,46 @@ def test_bad_runs_get_one_line(make, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("eva8: error: ") and message in err
+    assert not (tmp_path / "c").exists()
+
+
+def _run(name: str, config: dict | None, seed: int = 0) -> RecordedRun:
+    history = [
+        {"epoch": e, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0 + seed / 100,
+         "test_acc": 0.5 + seed / 100, "lr": 0.1, "seconds": 1.0}
+        for e in (1, 2, 3)
+    ]  # fmt: skip
+    metrics = {"environment": {"device_name": "cpu"}, "history": history}
+    return RecordedRun(name, metrics if config is None else {**metrics, "config": config})
+
+
+def test_a_run_without_config_is_labelled_unknown_recipe():
+    known = _run("known", read_recorded_run(GBN).config)
+    assert comparison_labels([_run("bare", None), known]) == [
+        "unknown recipe",
+        "GBN 2 splits, dropout 0.1",
+    ]
+
+
+def test_twenty_runs_have_distinct_lines_and_a_legend_outside_both_plots():
+    runs = [_run(f"run{i}", {"norm": "bn", "seed": i}, seed=i) for i in range(20)]
+    figure, _ = eva_utils.compare(*runs)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)  # lay out, so that the extents are final
+    for ax in figure.axes:
+        lines = [line for line in ax.get_lines() if not line.get_label().startswith("target")]
+        assert len(lines) == 20
+        assert len({(line.get_color(), line.get_linestyle(), line.get_marker())
+                    for line in lines}) == 20  # fmt: skip
+    (legend,) = figure.legends
+    assert len(legend.get_texts()) == 21  # the runs and the target line
+    box = legend.get_window_extent(renderer)
+    for ax in figure.axes:
+        assert not box.overlaps(ax.get_window_extent(renderer))
+
+
+def test_compare_refuses_more_runs_than_it_can_tell_apart(tmp_path, capsys):
+    code = main(["compare", *[str(GBN)] * 41, "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("eva8: error: compare draws at most 40 runs"), err
     assert not (tmp_path / "c").exists()

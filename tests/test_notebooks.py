@@ -6,11 +6,11 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import nbformat
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "notebooks" / "session8_resnet18_gbn.ipynb"

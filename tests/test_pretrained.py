@@ -7,10 +7,10 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
 from eva_utils import notebook, pretrained, runfolder

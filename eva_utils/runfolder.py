@@ -301,7 +301,9 @@ def _acquire_lock(folder: Path) -> int | None:
     if previous:
         log.warning(
             "%s: took over the run folder's lock from %s, which no longer holds it (it stopped "
-            "without releasing it: killed, or on another machine)", folder, previous
+            "without releasing it: killed, or on another machine)",
+            folder,
+            previous,
         )
     os.ftruncate(fd, 0)
     host = socket.gethostname()

@@ -14,11 +14,18 @@ import pytest
 from eva_utils import engine, get_preset
 from eva_utils.cli import build_parser, config_from_args, main
 from eva_utils.config import Config, field_flags
-from eva_utils.results import SWEEP_JSON, summarize_sweep
+from eva_utils.results import (
+    PROVENANCE,
+    SWEEP_JSON,
+    ablation_section,
+    recorded_runs,
+    summarize_sweep,
+)
 from eva_utils.runfolder import LAST, METRICS, read_metrics, write_metrics
 from eva_utils.sweeps import SWEEP_PNG, plan, sweep
 
 from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
+from .test_bad_input import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"data": "synthetic", "train_size": 16, "test_size": 8, "batch_size": 8, "max_batches": 1,
@@ -109,6 +116,23 @@ def test_summarize_prints_the_table_and_writes_the_files(tmp_path, capsys):
     assert (tmp_path / SWEEP_PNG).is_file()
 
 
+def test_ablation_section_shows_a_recorded_sweep(tmp_path):
+    config = get_preset("session8")
+    _record(tmp_path / "runs" / "a", config.replace(seed=1), [0.80, 0.86])
+    _record(tmp_path / "runs" / "b", config.replace(seed=2), [0.82, 0.84])
+    recorded = tmp_path / "results" / "ablation"
+    recorded.mkdir(parents=True)
+    (recorded / SWEEP_JSON).write_text(json.dumps(summarize_sweep(tmp_path / "runs")))
+    provenance = {"command": "make ablation", "commit": "abc1234", "measured": "2026-12-01"}
+    (recorded / PROVENANCE).write_text(json.dumps(provenance))
+    section = ablation_section(recorded)
+    assert section.startswith("1 cells x seeds 1, 2, 2 epochs on CIFAR-10 (torchvision) ")
+    assert "test CPU: `make ablation` (commit abc1234, 2026-12-01)." in section
+    assert "| GBN 2 splits, dropout 0.1 | 1,2 | 85.00% ± 1.41 | 85.00% ± 1.41 |" in section
+    assert "sample standard deviation over the seeds (n-1" in section
+    assert recorded_runs(tmp_path / "results") == []  # a sweep is not one recorded run
+
+
 def test_field_flags_give_back_the_config():
     config = get_preset("fast").replace(train_size=100, data="x.tar.gz", amp=False, augment=())
     args = build_parser().parse_args(["train", "--preset", "session8", *field_flags(config)])
@@ -133,9 +157,7 @@ def test_field_flags_give_back_the_config():
 )  # fmt: skip
 def test_bad_sweep_input_is_one_line(flags, message, tmp_path, capsys):
     code = main(["sweep", *TINY_FLAGS, "--out", str(tmp_path / "sweep"), *flags])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("eva8: error: ") and message in lines[0], lines[0]
+    assert_one_line_error(code, capsys.readouterr().err, message)
     assert not (tmp_path / "sweep").exists()  # refused before anything was written
 
 

@@ -139,25 +139,26 @@ def test_field_flags_give_back_the_config():
     assert config_from_args(args) == config
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--grid", "dropuot=0,0.1"], "--grid dropuot: unknown field (did you mean dropout?)"),
-        (["--grid", "dropout=0,1.5"], "dropout=1.5: dropout must be in [0, 1)"),
-        (["--grid", "num_splits=1,x"], "--grid num_splits must be a whole number, got 'x'"),
-        (["--grid", "device=cpu,cuda"], "--grid device: not a recipe field"),
-        (["--grid", "epochs=1,2"], "--grid epochs: not a recipe field"),
-        (["--grid", "seed=1,2"], "give the seeds with --seeds"),
-        (["--grid", "dropout="], "--grid dropout= has no values"),
-        (["--grid", "dropout"], "give FIELD=V1,V2"),
-        (["--seeds", "1,x"], "--seeds must be a whole number, got 'x'"),
-        (["--seeds", "1,,2"], "--seeds must be a whole number, got ''"),
-        (["--grid", "dropout=0", "--dropout", "0.1"], "--dropout and --grid dropout"),
-    ],
-)  # fmt: skip
-def test_bad_sweep_input_is_one_line(flags, message, tmp_path, capsys):
-    code = main(["sweep", *TINY_FLAGS, "--out", str(tmp_path / "sweep"), *flags])
-    assert_one_line_error(code, capsys.readouterr().err, message)
+# Each bad input (flags as typed) and what its one line of error says.
+BAD_INPUT = {
+    "--grid dropuot=0,0.1": "--grid dropuot: unknown field (did you mean dropout?)",
+    "--grid dropout=0,1.5": "dropout=1.5: dropout must be in [0, 1)",
+    "--grid num_splits=1,x": "--grid num_splits must be a whole number, got 'x'",
+    "--grid device=cpu,cuda": "--grid device: not a recipe field",
+    "--grid epochs=1,2": "--grid epochs: not a recipe field",
+    "--grid seed=1,2": "give the seeds with --seeds",
+    "--grid dropout=": "--grid dropout= has no values",
+    "--grid dropout": "give FIELD=V1,V2",
+    "--seeds 1,x": "--seeds must be a whole number, got 'x'",
+    "--seeds 1,,2": "--seeds must be a whole number, got ''",
+    "--grid dropout=0 --dropout 0.1": "--dropout and --grid dropout",
+}
+
+
+@pytest.mark.parametrize("typed", BAD_INPUT)
+def test_bad_sweep_input_is_one_line(typed, tmp_path, capsys):
+    code = main(["sweep", *TINY_FLAGS, "--out", str(tmp_path / "sweep"), *typed.split(" ")])
+    assert_one_line_error(code, capsys.readouterr().err, BAD_INPUT[typed])
     assert not (tmp_path / "sweep").exists()  # refused before anything was written
 
 

@@ -9,7 +9,7 @@ RESULT ?= results/session8-h100
 # the README's "Does Ghost BatchNorm help here?" figure
 COMPARE ?= results/session8-h100 results/session8-bn-nodropout-h100
 
-.PHONY: install train test lint format figures notebook-outputs release-asset benchmark lab clean
+.PHONY: install train ablation test lint format figures notebook-outputs release-asset benchmark lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ install: $(STAMP)
 ## train the assignment's recipe on CIFAR-10 (downloads to ./data; or DATA=path/to/cifar10.tar.gz)
 train: $(STAMP)
 	$(PY) -m eva_utils train --preset session8 --out $(RUN) $(if $(DATA),--data $(DATA)) $(ARGS)
+
+## the ablation: GBN with 1, 2, 4 and 8 splits x dropout 0 and 0.1 x seeds 1, 2, 3 (24 session8
+## runs on all of the data) into $(ABLATION); the same command continues a stopped sweep;
+## PARALLEL=N trains N runs at a time (benchmarks/gpu_suite.sh measures the best N)
+ABLATION ?= sweeps/ablation
+PARALLEL ?= 1
+ablation: $(STAMP)
+	$(PY) -m eva_utils sweep --preset session8 --grid num_splits=1,2,4,8 --grid dropout=0,0.1 \
+		--seeds 1,2,3 --out $(ABLATION) --parallel $(PARALLEL) $(if $(DATA),--data $(DATA)) $(ARGS)
 
 ## the whole suite: unit tests, CLI tests, real-data tests (if ../shared/data exists), notebooks under nbval
 test: $(STAMP)

@@ -22,12 +22,12 @@ _EXPORTS = {
     "count_parameters": "model", "resnet18": "model", "resnet34": "model",
     "receptive_field": "receptive_fields",
     "compare": "results", "summarize_history": "results",
-    "print_summary": "summary", "summary": "summary",
+    "print_summary": "summary", "summary": "summary", "sweep": "sweeps",
 }  # fmt: skip
 _SUBMODULES = (
     "analysis", "cli", "config", "data", "engine", "errors", "files", "gbn", "loaders", "model",
     "notebook", "plots", "pretrained", "progress", "receptive_fields", "results", "runfolder",
-    "signals", "summary",
+    "signals", "summary", "sweeps",
 )  # fmt: skip
 
 __all__ = sorted(_EXPORTS)
@@ -57,3 +57,4 @@ if TYPE_CHECKING:  # what the names are, for readers, editors and type checkers
     from .receptive_fields import receptive_field
     from .results import compare, summarize_history
     from .summary import print_summary, summary
+    from .sweeps import sweep

@@ -1,5 +1,5 @@
-"""The ``eva8`` command (also ``python -m eva_utils``): summary, train, plot, rf, analyze,
-figures, compare.
+"""The ``eva8`` command (also ``python -m eva_utils``): summary, train, sweep, plot, rf,
+analyze, figures, compare.
 
 Training flags are generated from :class:`~eva_utils.config.Config`, so every hyperparameter
 has a flag and its help text is the one in the README table. Heavy modules (torch, matplotlib)
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -87,6 +88,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(train)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="train every cell of a grid of recipe fields for several seeds, each an ordinary "
+        "run folder, and summarise them (sweep.json, sweep.png); the same command continues",
+    )
+    sweep.add_argument(
+        "--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: {DEFAULT_PRESET})"
+    )
+    sweep.add_argument(
+        "--grid", action="append", default=[], metavar="FIELD=V1,V2",
+        help="a recipe field and its values (repeat for more fields; every combination is a "
+        "cell), e.g. --grid num_splits=1,2,4,8 --grid dropout=0,0.1",
+    )  # fmt: skip
+    sweep.add_argument(
+        "--seeds", default=None, metavar="S1,S2", help="seeds of every cell (default: --seed)"
+    )
+    sweep.add_argument("--out", type=Path, help="sweep folder: one run folder per cell and seed")
+    sweep.add_argument(
+        "--parallel", type=_positive_int, default=1, metavar="N",
+        help="runs trained at a time, each in its own process (default 1: in this process)",
+    )  # fmt: skip
+    sweep.add_argument(
+        "--summarize", type=Path, metavar="DIR",
+        help="train nothing: write DIR/sweep.json and DIR/sweep.png from the runs there",
+    )  # fmt: skip
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(sweep)
 
     plot = commands.add_parser("plot", help="redraw the graphs of a run from its metrics.json")
     plot.add_argument("metrics", type=Path, help="runs/NAME/metrics.json")
@@ -206,6 +235,53 @@ def cmd_train(args: argparse.Namespace) -> None:
           + ", ".join(str(p) for p in figures))  # fmt: skip
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .results import SWEEP_JSON, sweep_table
+    from .sweeps import (
+        SWEEP_PNG,
+        failure,
+        parse_grid,
+        parse_seeds,
+        plan,
+        train_planned,
+        write_summary,
+    )
+
+    if args.summarize is not None:
+        if args.out is not None or args.grid:
+            raise ConfigError("--summarize DIR trains nothing: give it without --out and --grid")
+        out = args.summarize
+        failed, total = [], 0
+    else:
+        if args.out is None:
+            raise EvaError("sweep needs --out sweeps/NAME (or --summarize DIR)")
+        grid = parse_grid(args.grid)
+        flagged = [name for name in grid if getattr(args, name) is not None]
+        if flagged:
+            raise ConfigError(f"--{flagged[0].replace('_', '-')} and --grid {flagged[0]}: give one")
+        if args.seeds is not None and args.seed is not None:
+            raise ConfigError("give the seeds with --seeds or one with --seed, not both")
+        base = config_from_args(args)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
+        out = args.out
+        check_output_folder(out)
+        runs = plan(base, grid, seeds, out)
+        complete = sum(run.complete for run in runs)
+        resumed = sum(0 < run.epochs_done < run.config.epochs for run in runs)
+        print(
+            f"{len(runs)} runs in {out}: {complete} complete, {resumed} to resume, "
+            f"{len(runs) - complete - resumed} to start"
+        )
+        again = "python -m eva_utils " + shlex.join(args.argv)
+        failed = train_planned(runs, parallel=args.parallel, progress=not args.quiet, again=again)
+        total = len(runs)
+    summary = write_summary(out)
+    print(sweep_table(summary))
+    print(f"wrote {out / SWEEP_JSON}, {out / SWEEP_PNG}")
+    if failed:
+        raise failure(failed, total)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .plots import save_history_figures
     from .results import describe_run
@@ -304,7 +380,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
-    "summary": cmd_summary, "train": cmd_train, "plot": cmd_plot, "rf": cmd_rf,
+    "summary": cmd_summary, "train": cmd_train, "sweep": cmd_sweep, "plot": cmd_plot, "rf": cmd_rf,
     "analyze": cmd_analyze, "figures": cmd_figures, "compare": cmd_compare,
 }  # fmt: skip
 
@@ -321,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             args = build_parser().parse_args(argv)
+            args.argv = sys.argv[1:] if argv is None else argv  # to say how to continue
             debug, command = args.debug, args.command
             COMMANDS[command](args)
     except Interrupted as error:

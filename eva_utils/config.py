@@ -7,6 +7,8 @@ generated from :class:`Config`, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,6 +182,21 @@ def parse_field(name: str, text: str, source: str | None = None) -> Any:
     return text
 
 
+def field_flags(config: Config) -> list[str]:
+    """The command-line flags that give every field of ``config`` whatever the preset, as
+    :func:`parse_field` reads them: ``--train-size none``, ``--no-amp``, ``--augment a,b``."""
+    flags = []
+    for name, value in config.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, tuple):
+            flags += [flag, ",".join(value) or "none"]
+        else:
+            flags += [flag, "none" if value is None else str(value)]
+    return flags
+
+
 PRESETS: dict[str, Config] = {
     # The assignment's recipe, with GBN and dropout really in the model.
     "session8": Config(),
@@ -224,6 +241,16 @@ def hyperparameter_table(config: Config, fields: tuple[str, ...] | None = None) 
 # so a onecycle run still refuses a new length). Every other field changes what is computed (the
 # model, the data, the optimisation, the random streams), so a resume refuses a new value.
 RESUMABLE_CHANGES = ("epochs", "device", "compile", "num_workers")
+
+
+def recipe_name(config: Config) -> str:
+    """A run folder name for ``config``'s recipe: readable, and different for every recipe
+    (every field that a resume refuses to change), so that two recipes never share a folder."""
+    recipe = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    norm = f"gbn{config.num_splits}" if config.norm == "gbn" else "bn"
+    images = f"{config.train_size}img" if config.train_size else "all"
+    return f"{norm}-dropout{config.dropout:g}-{images}-{digest}"
 
 
 def divergence_advice(config: Config) -> str:

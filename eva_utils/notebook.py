@@ -12,8 +12,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -25,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import analysis, pretrained
-from .config import RESUMABLE_CHANGES, Config, get_preset, parse_field
+from .config import Config, get_preset, parse_field, recipe_name
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet
 from .engine import environment, load_datasets, select_device
 from .errors import ConfigError, DataError, EvaError
@@ -112,16 +110,6 @@ def _override_variables() -> dict[str, str]:
 
 
 SMOKE_PREFIX = "eva8-smoke-"
-
-
-def recipe_name(config: Config) -> str:
-    """A run folder name for ``config``'s recipe: readable, and different for every recipe
-    (every field that a resume refuses to change), so that two recipes never share a folder."""
-    recipe = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
-    norm = f"gbn{config.num_splits}" if config.norm == "gbn" else "bn"
-    images = f"{config.train_size}img" if config.train_size else "all"
-    return f"{norm}-dropout{config.dropout:g}-{images}-{digest}"
 
 
 def run_folder(parent: str, config: Config) -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from .config import TARGET_ACCURACY
@@ -177,6 +178,33 @@ def plot_comparison(
     # One legend for both plots, outside them: over the axes, many runs would hide the lines.
     fig.legend(loc="outside lower center", ncols=LEGEND_COLUMNS, fontsize=8, frameon=False)
     fig.suptitle(title or "Validation accuracy and loss", fontsize=10 if "\n" in title else None)
+    return fig
+
+
+def plot_sweep(
+    cells: Sequence[dict[str, Any]], title: str = "", target: float = TARGET_ACCURACY
+) -> Figure:
+    """One curve per cell of a sweep (its ``sweep.json`` cells): the mean test accuracy over the
+    seeds per epoch, with a band of one sample standard deviation either side."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for cell in cells:
+        curve = cell["curve"]
+        mean = [100 * acc for acc in curve["test_acc_mean"]]
+        label = f"{cell['label']} ({len(cell['seeds'])} seeds)"
+        (line,) = ax.plot(curve["epoch"], mean, "o-", ms=3, label=label)
+        if None not in curve["test_acc_std"]:  # one seed: no spread to draw
+            spread = [100 * std for std in curve["test_acc_std"]]
+            ax.fill_between(curve["epoch"], [m - s for m, s in zip(mean, spread)],
+                            [m + s for m, s in zip(mean, spread)], color=line.get_color(),
+                            alpha=0.2, linewidth=0)  # fmt: skip
+    ax.axhline(100 * target, color="tab:red", linestyle=":", label=f"target {target:.0%}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="validation (test) accuracy (%), mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    heading = "Mean test accuracy per cell; band: ± one sample std over the seeds"
+    ax.set_title(f"{heading}\n{title}" if title else heading, fontsize=9)
     return fig
 
 

@@ -10,13 +10,22 @@ describes the independent pipeline, for comparison rows.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .analysis import REPORT_NAME, load_report
-from .config import PRESETS, RECIPE_FIELDS, TARGET_ACCURACY, upgrade_config_dict
+from .config import (
+    PRESETS,
+    RECIPE_FIELDS,
+    RESUMABLE_CHANGES,
+    TARGET_ACCURACY,
+    Config,
+    recipe_name,
+    upgrade_config_dict,
+)
 from .errors import ConfigError, RunFileError
 from .files import read_json
 from .plots import MAX_COMPARED, plot_comparison
@@ -26,6 +35,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PROVENANCE = "provenance.json"
+SWEEP_JSON = "sweep.json"
+SWEEP_FORMAT = "eva8-sweep"
+ABLATION = "results/ablation"  # the recorded ablation sweep: sweep.json, sweep.png, provenance
+ABLATION_COMMAND = "make ablation DATA=path/to/cifar10-jpg.tar.gz"
+STD_MEANING = (
+    "sample standard deviation over the seeds (n-1 in the denominator); null for a cell with "
+    "one seed, where no spread can be measured"
+)
 PEER_HISTORY = "history.json"
 # What the labels of compared runs always name; other recipe fields only where the runs differ.
 NORM_FIELDS = ("norm", "num_splits", "dropout")
@@ -161,7 +178,9 @@ def recorded_runs(folder: str | Path = "results") -> list[RecordedRun]:
         for pattern in (f"*/{METRICS}", f"*/{PROVENANCE}")
         for path in Path(folder).glob(pattern)
     )
-    runs = [read_recorded_run(path) for path in dict.fromkeys(folders)]
+    # A sweep's summary (results/ablation) has a provenance too, but is many runs, not one.
+    runs = [read_recorded_run(path) for path in dict.fromkeys(folders)
+            if not (path / SWEEP_JSON).exists()]  # fmt: skip
     return sorted(runs, key=lambda run: (run.provenance.get("order", len(runs)), run.name))
 
 
@@ -199,16 +218,24 @@ def provenance_list(runs: Sequence[RecordedRun]) -> str:
     lines = []
     for run in runs:
         p = run.provenance
-        how = f"`{p['command']}`" if "command" in p else p.get("description", "")
-        where = ", ".join(
-            part
-            for part in (p.get("software"), p.get("commit") and f"commit {p['commit']}",
-                         p.get("measured"))
-            if part
-        )  # fmt: skip
+        how, where = _how_and_where(p)
         note = f"; {p['note']}" if p.get("note") else ""
         lines.append(f"- `{run.name}`: {how} ({where}){note}.")
     return "\n".join(lines)
+
+
+def _how_and_where(provenance: dict[str, Any], default: str = "") -> tuple[str, str]:
+    """How a recording was made (its command, else its description) and where (software,
+    commit, date), from its provenance."""
+    p = provenance
+    how = f"`{p['command']}`" if "command" in p else p.get("description", default)
+    where = ", ".join(
+        part
+        for part in (p.get("software"), p.get("commit") and f"commit {p['commit']}",
+                     p.get("measured"))
+        if part
+    )  # fmt: skip
+    return how, where
 
 
 def history_caption(run: RecordedRun) -> str:
@@ -226,7 +253,11 @@ def history_caption(run: RecordedRun) -> str:
 
 
 def _norm_label(config: dict[str, Any]) -> str:
-    norm = f"GBN {config.get('num_splits')} splits" if config.get("norm") == "gbn" else "BatchNorm"
+    splits = config.get("num_splits")
+    if config.get("norm") != "gbn":
+        norm = "BatchNorm"
+    else:  # one ghost batch is the whole batch: exactly BatchNorm2d
+        norm = "GBN 1 split (= BatchNorm)" if splits == 1 else f"GBN {splits} splits"
     dropout = config.get("dropout") or 0
     return f"{norm}, " + (f"dropout {dropout:g}" if dropout else "no dropout")
 
@@ -298,7 +329,12 @@ def comparison_table(runs: Sequence[RecordedRun]) -> str:
             (run.name, label, f"{s['best_acc']:.2%} ({s['best_epoch']})", f"{s['final_acc']:.2%}",
              reached, f"{s['seconds_per_epoch']:.1f}")
         )  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return _aligned(rows)
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of text cells as a plain-text table, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
     )
@@ -346,3 +382,162 @@ def analysis_caption(run: RecordedRun, folder: str | Path) -> str:
         f"({report.accuracy[weakest]:.2%}), strongest {report.classes[strongest]} "
         f"({report.accuracy[strongest]:.2%}).*"
     )
+
+
+# --- sweeps: several seeds of each cell of a grid ----------------------------------------------
+
+
+def summarize_sweep(folder: str | Path) -> dict[str, Any]:
+    """The runs under ``folder`` (``*/metrics.json``) grouped into cells, runs whose recipes
+    differ only in the seed: per cell its grid values, seeds, best and final test accuracy
+    (mean and sample std over the seeds), the epoch the target was first reached, seconds per
+    epoch, and the mean test accuracy curve. The content of a sweep's ``sweep.json``."""
+    folder = Path(folder)
+    runs = [read_recorded_run(path.parent) for path in sorted(folder.glob(f"*/{METRICS}"))]
+    if not runs:
+        raise RunFileError(
+            f"{folder} holds no runs (*/{METRICS}): train them with python -m eva_utils sweep "
+            f"--out {folder} ..."
+        )
+    cells: dict[str, list[RecordedRun]] = {}
+    for run in runs:  # a cell's name: the recipe's folder name with the seed left out
+        cell = recipe_name(Config.from_dict(run.config).replace(seed=0)).rsplit("-", 1)[1]
+        cells.setdefault(cell, []).append(run)
+    # One run per cell with the seed blanked, so that labels and grid values ignore the seed.
+    cell_runs = [
+        RecordedRun(members[0].name, {**members[0].metrics, "config": {**members[0].config,
+                                                                        "seed": None}})
+        for members in cells.values()
+    ]  # fmt: skip
+    varied = [
+        key
+        for key in LABEL_FIELDS
+        if key not in (*RESUMABLE_CHANGES, "seed")
+        and any(not _same(run.config.get(key), cell_runs[0].config.get(key)) for run in cell_runs)
+    ]
+    labels = comparison_labels(cell_runs)
+    summaries = [
+        _cell_summary(label, {key: run.config.get(key) for key in varied}, members)
+        for label, run, members in zip(labels, cell_runs, cells.values())
+    ]
+    summaries.sort(key=lambda cell: [(value is None, value) for value in cell["grid"].values()])
+    source, sizes = describe_data(runs[0].config)
+    return {
+        "format": SWEEP_FORMAT,
+        "target": TARGET_ACCURACY,
+        "std": STD_MEANING,
+        "varied": varied,
+        "data": f"{source} (train/test images: {sizes})",
+        "hardware": sorted({run.hardware for run in runs}),
+        "cells": summaries,
+    }
+
+
+def _cell_summary(
+    label: str, grid: dict[str, Any], members: Sequence[RecordedRun]
+) -> dict[str, Any]:
+    members = sorted(members, key=lambda run: run.config["seed"])
+    summaries = [run.summary() for run in members]
+    reached = [s["target_epoch"] for s in summaries]
+    common = min(len(run.history) for run in members)  # a run still training has fewer epochs
+    per_epoch = [[run.history[i]["test_acc"] for run in members] for i in range(common)]
+    return {
+        "label": label,
+        "grid": grid,
+        "seeds": [run.config["seed"] for run in members],
+        "runs": [run.name for run in members],
+        "epochs": [len(run.history) for run in members],
+        "best_acc": _spread([s["best_acc"] for s in summaries]),
+        "final_acc": _spread([s["final_acc"] for s in summaries]),
+        "target_epoch": {
+            "values": reached,  # None where a seed never reached the target
+            "mean": statistics.fmean(reached) if None not in reached else None,
+        },
+        "seconds_per_epoch": _spread([s["seconds_per_epoch"] for s in summaries]),
+        "curve": {
+            "epoch": list(range(1, common + 1)),
+            "test_acc_mean": [statistics.fmean(accs) for accs in per_epoch],
+            "test_acc_std": [_std(accs) for accs in per_epoch],
+        },
+    }
+
+
+def _std(values: Sequence[float]) -> float | None:
+    """The sample standard deviation (n-1), None for one value: no spread to measure."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    return {"values": list(values), "mean": statistics.fmean(values), "std": _std(values)}
+
+
+def _sweep_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The sweep table's header and one row of text cells per cell of the grid."""
+    target = summary["target"]
+    rows = [("cell", "seeds", "best test acc", "final test acc", f"{target:.0%} first reached",
+             "s/epoch")]  # fmt: skip
+    for cell in summary["cells"]:
+        reached = cell["target_epoch"]
+        epochs = ", ".join(str(e) if e else "never" for e in reached["values"])
+        if reached["mean"] is not None and len(reached["values"]) > 1:
+            epochs += f" (mean {reached['mean']:.1f})"
+        rows.append(
+            (cell["label"], ",".join(map(str, cell["seeds"])), _mean_std(cell["best_acc"]),
+             _mean_std(cell["final_acc"]), f"epoch {epochs}" if any(reached["values"]) else
+             "never", f"{cell['seconds_per_epoch']['mean']:.1f}")
+        )  # fmt: skip
+    return rows
+
+
+def _mean_std(spread: dict[str, Any]) -> str:
+    if spread["std"] is None:
+        return f"{spread['mean']:.2%} (one seed)"
+    return f"{spread['mean']:.2%} ± {100 * spread['std']:.2f}"
+
+
+def sweep_table(summary: dict[str, Any]) -> str:
+    """A sweep's summary as a plain-text table: accuracies as mean ± sample std in points."""
+    return _aligned(_sweep_rows(summary))
+
+
+def sweep_markdown(summary: dict[str, Any]) -> str:
+    """A sweep's summary as a Markdown table."""
+    header, *rows = _sweep_rows(summary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+SPREAD_SENTENCE = (
+    "The ± is the sample standard deviation over the seeds (n-1 in the denominator), in "
+    "percentage points: how far the same recipe moves when only the seed (initial weights, data "
+    "order, augmentation) changes. A gap between two cells smaller than about twice that spread "
+    "is not evidence that one recipe beats the other."
+)
+
+
+def ablation_section(folder: str | Path = ABLATION) -> str:
+    """The README's "Ablation" section, from ``folder``'s ``sweep.json`` and ``provenance.json``
+    (how it was measured); without them, says the ablation has not been run on a GPU yet."""
+    folder = Path(folder)
+    if not (folder / SWEEP_JSON).is_file():
+        return (
+            "The ablation has not been run on a GPU yet, so there are no numbers here. It trains "
+            "GBN with 1, 2, 4 and 8 splits, each with dropout 0 and 0.1, for seeds 1, 2 and 3 "
+            f"(24 runs of the session8 recipe on all of the data): `{ABLATION_COMMAND}` writes "
+            "`sweeps/ablation/` (or `benchmarks/gpu_suite.sh` as its last stage); copy its "
+            f"`{SWEEP_JSON}` and `sweep.png` into `{ABLATION}/` with a `{PROVENANCE}` (hardware, "
+            "commit, command, date) and this section shows them. " + SPREAD_SENTENCE
+        )
+    summary = read_json(folder / SWEEP_JSON, "run the sweep first")
+    cells, seeds = summary["cells"], sorted({seed for c in summary["cells"] for seed in c["seeds"]})
+    how, where = _how_and_where(_read_provenance(folder / PROVENANCE), "the sweep")
+    return "\n".join([
+        f"{len(cells)} cells x seeds {', '.join(map(str, seeds))}, {max(cells[0]['epochs'])} "
+        f"epochs on {summary['data']}, {'; '.join(summary['hardware'])}: {how} ({where}).",
+        "",
+        sweep_markdown(summary),
+        "",
+        f"![mean test accuracy per epoch of each cell]({ABLATION}/sweep.png)",
+        "",
+        SPREAD_SENTENCE,
+    ])  # fmt: skip

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from eva_utils.config import RECIPE_FIELDS, get_preset, hyperparameter_table
+from eva_utils.results import ABLATION, ablation_section
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 def test_readme_hyperparameter_table_is_the_session8_preset():
@@ -24,3 +26,11 @@ def test_session8_preset_is_the_assignment_recipe():
     assert (c.schedule, c.step_size, c.gamma) == ("step", 2, 0.92)
     assert c.augment == ("crop", "flip", "rotate") and c.rotate_degrees == 8.0
     assert c.label_smoothing == 0.0 and not c.nesterov
+
+
+def test_readme_ablation_section_is_generated_from_results_ablation():
+    section = ablation_section(ROOT / ABLATION)
+    assert (
+        f"### Ablation: Ghost BatchNorm splits x dropout, three seeds each\n\n{section}\n\n"
+        in README
+    )

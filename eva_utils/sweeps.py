@@ -1,0 +1,264 @@
+"""Seeded ablations: every cell of a grid of recipe fields, trained for several seeds.
+
+Each cell x seed is an ordinary run folder under the sweep's folder, named from its recipe
+(:func:`~eva_utils.config.recipe_name`) and written by :func:`~eva_utils.engine.fit`, so
+``plot``, ``compare`` and ``analyze`` work on each. Running the same sweep again continues it:
+finished runs are skipped, interrupted ones resumed, and a changed grid or recipe adds runs in
+new folders. ``sweep.json`` and ``sweep.png`` summarise the runs (:func:`write_summary`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RESUMABLE_CHANGES, Config, field_flags, parse_field, recipe_name
+from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged
+from .files import atomic_write_json
+from .results import LABEL_FIELDS, SWEEP_JSON, summarize_sweep
+from .runfolder import METRICS, holds_run, read_metrics
+
+SWEEP_PNG = "sweep.png"
+LOGS = "logs"  # the sweep folder's logs/<run>.log: the output of each run trained in a subprocess
+POLL_SECONDS = 0.5  # how often the parallel runs' progress and exits are looked at
+# Fields a grid may vary: those that change what is computed (a resume refuses a new value, so
+# each value gets its own run folder), the data sizes included. Seeds come from --seeds.
+GRID_FIELDS = tuple(name for name in LABEL_FIELDS if name not in (*RESUMABLE_CHANGES, "seed"))
+Grid = Mapping[str, Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One cell x seed of a sweep: its recipe, its run folder and the epochs it holds."""
+
+    config: Config
+    folder: Path
+    epochs_done: int
+
+    @property
+    def complete(self) -> bool:
+        return self.epochs_done >= self.config.epochs
+
+
+def check_grid_field(name: str) -> None:
+    """Refuse a grid over ``name`` unless it is a recipe field (one line, naming the fields)."""
+    fields = [name for name, _ in Config().items()]
+    if name == "seed":
+        raise ConfigError("give the seeds with --seeds 1,2,3, not --grid seed=...")
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"--grid {name}: unknown field{hint}; grid fields: {_listed()}")
+    if name not in GRID_FIELDS:
+        raise ConfigError(
+            f"--grid {name}: not a recipe field (it does not change what is trained, so its "
+            f"runs would share a folder); grid fields: {_listed()}"
+        )
+
+
+def _listed() -> str:
+    return ", ".join(GRID_FIELDS)
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """``["num_splits=1,2", "dropout=0,0.1"]`` as ``{"num_splits": [1, 2], ...}``. A value of
+    ``augment`` joins its parts with ``+`` (``augment=crop+flip,crop``)."""
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        name, equals, text = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if not equals:
+            raise ConfigError(f"--grid {spec!r}: give FIELD=V1,V2,..., e.g. num_splits=1,2,4,8")
+        check_grid_field(name)
+        if name in grid:
+            raise ConfigError(f"--grid {name} is given twice: give all its values in one")
+        values = [part.strip() for part in text.split(",") if part.strip()]
+        if not values:
+            raise ConfigError(f"--grid {name}= has no values: give FIELD=V1,V2,...")
+        grid[name] = [
+            parse_field(name, value.replace("+", ","), source=f"--grid {name}") for value in values
+        ]
+    return grid
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"1,2,3"`` as ``[1, 2, 3]``; anything but distinct whole numbers is a ConfigError."""
+    parts = [part.strip() for part in text.split(",")]
+    seeds = [parse_field("seed", part, source="--seeds") for part in parts]
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds {text}: a seed is given twice")
+    return seeds
+
+
+def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> list[PlannedRun]:
+    """Every cell x seed of the sweep: ``config`` with the cell's grid values and the seed, in
+    ``out/<recipe name>``, with the epochs that folder holds already. Every recipe is checked
+    before anything trains."""
+    for name in grid:
+        check_grid_field(name)
+    if not seeds:
+        raise ConfigError("a sweep needs at least one seed")
+    runs = []
+    for values in itertools.product(*grid.values()):
+        cell = dict(zip(grid, values))
+        for seed in seeds:
+            try:
+                run_config = config.replace(**cell, seed=seed)
+            except ConfigError as error:
+                shown = ", ".join(f"{name}={value}" for name, value in cell.items())
+                raise ConfigError(f"the grid cell {shown}: {error}") from None
+            folder = Path(out) / recipe_name(run_config)
+            runs.append(PlannedRun(run_config, folder, _epochs_done(folder)))
+    return runs
+
+
+def _epochs_done(folder: Path) -> int:
+    """The epochs a run folder holds (0 for none, or a run killed in its first epoch)."""
+    return len(read_metrics(folder / METRICS)["history"]) if holds_run(folder) else 0
+
+
+def train_planned(
+    runs: Sequence[PlannedRun], *, parallel: int = 1, progress: bool = True, again: str = ""
+) -> list[tuple[PlannedRun, str]]:
+    """Train the runs that are not complete, ``parallel`` at a time (1: in this process, else as
+    ``python -m eva_utils train --quiet`` subprocesses logging to ``logs/<run>.log``), behind one
+    bar counting epochs. Returns the runs that failed (diverged, or locked by another trainer)
+    with why; Ctrl-C stops all of them, each keeping its last finished epoch, and raises
+    Interrupted saying to continue with ``again`` (the sweep's command)."""
+    from .progress import tqdm
+
+    todo = [run for run in runs if not run.complete]
+    bar = tqdm(
+        total=sum(run.config.epochs for run in todo), initial=sum(r.epochs_done for r in todo),
+        desc=f"sweep ({len(todo)} runs)", unit="epoch", disable=not progress or not todo,
+    )  # fmt: skip
+    try:
+        if parallel == 1:
+            return _train_here(todo, bar)
+        return _train_in_subprocesses(todo, parallel, bar)
+    except (Interrupted, KeyboardInterrupt):
+        complete = sum(_epochs_done(run.folder) >= run.config.epochs for run in runs)
+        raise Interrupted(
+            f"sweep stopped: {complete} of {len(runs)} runs complete, the others keep their last "
+            f"finished epoch; continue with: {again or 'the same sweep again'}"
+        ) from None
+    finally:
+        bar.close()
+
+
+def _train_here(todo: Sequence[PlannedRun], bar: Any) -> list[tuple[PlannedRun, str]]:
+    from .engine import fit
+
+    failed = []
+    for run in todo:
+        bar.set_postfix_str(run.folder.name)
+        try:
+            fit(run.config, out=run.folder, resume=holds_run(run.folder), progress=False,
+                on_epoch=lambda row: bar.update())  # fmt: skip
+        except (TrainingDiverged, RunFileError) as error:  # the other runs can still train
+            failed.append((run, str(error)))
+    return failed
+
+
+def _train_in_subprocesses(
+    todo: Sequence[PlannedRun], parallel: int, bar: Any
+) -> list[tuple[PlannedRun, str]]:
+    waiting, running, failed = list(todo), {}, []
+    try:
+        while waiting or running:
+            while waiting and len(running) < parallel:
+                run = waiting.pop(0)
+                running[_start(run)] = [run, run.epochs_done]
+            time.sleep(POLL_SECONDS)
+            for process, (run, counted) in list(running.items()):
+                exited = process.poll() is not None
+                epochs = _epochs_done(run.folder)
+                bar.update(epochs - counted)
+                running[process][1] = epochs
+                if exited:
+                    del running[process]
+                    if process.returncode != 0:
+                        failed.append((run, _last_line(_log(run))))
+            bar.set_postfix_str(f"{len(running)} running")
+    except KeyboardInterrupt:
+        for process in running:  # each saves its last finished epoch, then exits
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        raise
+    return failed
+
+
+def _log(run: PlannedRun) -> Path:
+    return run.folder.parent / LOGS / f"{run.folder.name}.log"
+
+
+def _start(run: PlannedRun) -> subprocess.Popen:
+    """``python -m eva_utils train`` for ``run`` (resuming what its folder holds), its output
+    appended to its log. A session of its own: Ctrl-C reaches the sweep, which stops it."""
+    where = ["--resume", str(run.folder)] if holds_run(run.folder) else ["--out", str(run.folder)]
+    command = [sys.executable, "-m", "eva_utils", "train", "--quiet", *where,
+               *field_flags(run.config)]  # fmt: skip
+    log = _log(run)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as output:
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else "no output"
+
+
+def write_summary(out: str | Path) -> dict[str, Any]:
+    """Summarise the runs under ``out`` into ``out/sweep.json`` and draw ``out/sweep.png``;
+    returns the summary (:func:`~eva_utils.results.summarize_sweep`)."""
+    from .plots import plot_sweep, save_figure
+
+    out = Path(out)
+    summary = summarize_sweep(out)
+    atomic_write_json(summary, out / SWEEP_JSON)
+    title = f"{out.name}: {summary['data']}; {'; '.join(summary['hardware'])}"
+    save_figure(plot_sweep(summary["cells"], title), out / SWEEP_PNG)
+    return summary
+
+
+def sweep(
+    config: Config,
+    grid: Grid,
+    seeds: Sequence[int] = (1,),
+    *,
+    out: str | Path,
+    parallel: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config`` with every combination of the ``grid``'s values (``{"num_splits": [1,
+    2], "dropout": [0.0, 0.1]}``) for each seed, into run folders under ``out``, and return the
+    summary also written to ``out/sweep.json`` and drawn in ``out/sweep.png``. Calling it again
+    continues: complete runs are skipped, interrupted ones resumed."""
+    runs = plan(config, grid, seeds, out)
+    failed = train_planned(runs, parallel=parallel, progress=progress)
+    summary = write_summary(out)
+    if failed:
+        raise failure(failed, len(runs))
+    return summary
+
+
+def failure(failed: Sequence[tuple[PlannedRun, str]], total: int) -> EvaError:
+    """One line for the runs that failed: how many, and the first one's reason."""
+    run, why = failed[0]
+    return EvaError(
+        f"{len(failed)} of {total} runs failed; {run.folder}: {why} (the others are summarised; "
+        "rerun the sweep to retry them)"
+    )

@@ -1,0 +1,198 @@
+"""``sweep``: every cell of a grid x seeds as ordinary run folders, continued by running it again,
+summarised against a hand computation, bad input refused in one line, and parallel runs that
+share a cold data cache. Tiny synthetic runs (one batch per epoch) on a CPU: machinery, not
+results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from eva_utils import engine, get_preset
+from eva_utils.cli import build_parser, config_from_args, main
+from eva_utils.config import Config, field_flags
+from eva_utils.results import (
+    PROVENANCE,
+    SWEEP_JSON,
+    ablation_section,
+    recorded_runs,
+    summarize_sweep,
+)
+from eva_utils.runfolder import LAST, METRICS, read_metrics, write_metrics
+from eva_utils.sweeps import SWEEP_PNG, plan, sweep
+
+from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
+from .test_bad_input import assert_one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = {"data": "synthetic", "train_size": 16, "test_size": 8, "batch_size": 8, "max_batches": 1,
+        "epochs": 2, "device": "cpu"}  # fmt: skip
+TINY_FLAGS = [
+    "--data", "synthetic", "--train-size", "16", "--test-size", "8", "--batch-size", "8",
+    "--max-batches", "1", "--epochs", "1", "--device", "cpu", "--quiet",
+]  # fmt: skip
+
+
+def test_sweep_resumes_an_interrupted_run_and_skips_complete_ones(tmp_path):
+    base = get_preset("session8").replace(**TINY)
+    first, second = plan(base, {"num_splits": [2]}, [1, 2], tmp_path)
+    # The first run was stopped after epoch 1 (made-up numbers: 1.0 s, 10%).
+    fake_checkpoint(first.config, first.folder, epochs=1)
+    summary = sweep(base, {"num_splits": [2]}, [1, 2], out=tmp_path, progress=False)
+
+    resumed = read_metrics(first.folder / METRICS)["history"]
+    assert [row["epoch"] for row in resumed] == [1, 2]
+    assert resumed[0]["seconds"] == 1.0  # epoch 1 kept, not trained again
+    assert len(read_metrics(second.folder / METRICS)["history"]) == 2
+    assert [cell["seeds"] for cell in summary["cells"]] == [[1, 2]]
+    assert (tmp_path / SWEEP_JSON).is_file() and (tmp_path / SWEEP_PNG).is_file()
+
+    saved = {run.folder: (run.folder / LAST).stat().st_mtime_ns for run in (first, second)}
+    assert all(run.complete for run in plan(base, {"num_splits": [2]}, [1, 2], tmp_path))
+    sweep(base, {"num_splits": [2]}, [1, 2], out=tmp_path, progress=False)
+    assert {f: (f / LAST).stat().st_mtime_ns for f in saved} == saved  # nothing trained again
+
+
+def test_a_changed_grid_adds_runs_in_new_folders(tmp_path):
+    base = get_preset("session8").replace(**TINY)
+    old = {run.folder for run in plan(base, {"dropout": [0.0, 0.1]}, [1], tmp_path)}
+    new = {run.folder for run in plan(base, {"dropout": [0.0, 0.2]}, [1], tmp_path)}
+    assert len(old & new) == 1 and len(old | new) == 3
+    longer = {run.folder for run in plan(base.replace(epochs=3), {"dropout": [0.0]}, [1], tmp_path)}
+    assert longer <= old  # more epochs continue the same runs
+
+
+def _record(folder: Path, config: Config, accuracies: list[float], seconds: float = 2.0) -> None:
+    history = [
+        dict(epoch=epoch, train_loss=1.0, train_acc=0.5, test_loss=1.0, test_acc=acc, lr=0.01,
+             seconds=seconds)
+        for epoch, acc in enumerate(accuracies, start=1)
+    ]  # fmt: skip
+    folder.mkdir(parents=True)
+    write_metrics(folder / METRICS, config, history, {"device_name": "test CPU"})
+
+
+def test_summary_means_and_standard_deviations_match_a_hand_computation(tmp_path):
+    bn_like = get_preset("session8").replace(num_splits=1, dropout=0.0)
+    _record(tmp_path / "a1", bn_like.replace(seed=1), [0.70, 0.80, 0.79])
+    _record(tmp_path / "a2", bn_like.replace(seed=2), [0.75, 0.86, 0.86])
+    _record(tmp_path / "a3", bn_like.replace(seed=3), [0.72, 0.83, 0.85], seconds=5.0)
+    _record(tmp_path / "b1", bn_like.replace(dropout=0.1), [0.60, 0.90, 0.88])
+
+    summary = summarize_sweep(tmp_path)
+    assert summary["varied"] == ["dropout"]
+    one_split, dropout = summary["cells"]
+    assert one_split["label"] == "GBN 1 split (= BatchNorm), no dropout"
+    assert one_split["seeds"] == [1, 2, 3] and one_split["grid"] == {"dropout": 0.0}
+    # best 0.80, 0.86, 0.85: mean 0.836667; squared deviations 0.0013444, 0.0005444, 0.0001778
+    # sum 0.0020667, over n-1 = 2: 0.0010333, square root 0.032146
+    assert one_split["best_acc"]["mean"] == pytest.approx(0.836667, abs=1e-6)
+    assert one_split["best_acc"]["std"] == pytest.approx(0.032146, abs=1e-6)
+    # final 0.79, 0.86, 0.85: mean 0.83333; deviations -0.04333, 0.02667, 0.01667; sample std
+    # sqrt((0.0018778 + 0.0007111 + 0.0002778) / 2) = 0.037859
+    assert one_split["final_acc"]["mean"] == pytest.approx(0.833333, abs=1e-6)
+    assert one_split["final_acc"]["std"] == pytest.approx(0.037859, abs=1e-6)
+    assert one_split["target_epoch"] == {"values": [None, 2, 3], "mean": None}
+    assert one_split["seconds_per_epoch"]["mean"] == pytest.approx(3.0)
+    assert one_split["curve"]["test_acc_mean"] == pytest.approx([0.723333, 0.83, 0.833333], 1e-5)
+    assert one_split["curve"]["test_acc_std"][0] == pytest.approx(0.025166, abs=1e-6)
+    # One seed: no spread is measured, rather than a misleading 0.
+    assert dropout["label"] == "GBN 1 split (= BatchNorm), dropout 0.1"
+    assert dropout["best_acc"] == {"values": [0.90], "mean": 0.90, "std": None}
+    assert dropout["target_epoch"] == {"values": [2], "mean": 2}
+
+
+def test_summarize_prints_the_table_and_writes_the_files(tmp_path, capsys):
+    config = get_preset("session8")
+    _record(tmp_path / "a", config.replace(seed=1), [0.80, 0.86])
+    _record(tmp_path / "b", config.replace(seed=2), [0.82, 0.84])
+    assert main(["sweep", "--summarize", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GBN 2 splits, dropout 0.1  1,2    85.00% ± 1.41" in out
+    assert json.loads((tmp_path / SWEEP_JSON).read_text())["cells"][0]["runs"] == ["a", "b"]
+    assert (tmp_path / SWEEP_PNG).is_file()
+
+
+def test_ablation_section_shows_a_recorded_sweep(tmp_path):
+    config = get_preset("session8")
+    _record(tmp_path / "runs" / "a", config.replace(seed=1), [0.80, 0.86])
+    _record(tmp_path / "runs" / "b", config.replace(seed=2), [0.82, 0.84])
+    recorded = tmp_path / "results" / "ablation"
+    recorded.mkdir(parents=True)
+    (recorded / SWEEP_JSON).write_text(json.dumps(summarize_sweep(tmp_path / "runs")))
+    provenance = {"command": "make ablation", "commit": "abc1234", "measured": "2026-12-01"}
+    (recorded / PROVENANCE).write_text(json.dumps(provenance))
+    section = ablation_section(recorded)
+    assert section.startswith("1 cells x seeds 1, 2, 2 epochs on CIFAR-10 (torchvision) ")
+    assert "test CPU: `make ablation` (commit abc1234, 2026-12-01)." in section
+    assert "| GBN 2 splits, dropout 0.1 | 1,2 | 85.00% ± 1.41 | 85.00% ± 1.41 |" in section
+    assert "sample standard deviation over the seeds (n-1" in section
+    assert recorded_runs(tmp_path / "results") == []  # a sweep is not one recorded run
+
+
+def test_field_flags_give_back_the_config():
+    config = get_preset("fast").replace(
+        train_size=100, data="x.tar.gz", precision="fp32", augment=()
+    )
+    args = build_parser().parse_args(["train", "--preset", "session8", *field_flags(config)])
+    assert config_from_args(args) == config
+
+
+# Each bad input (flags as typed) and what its one line of error says.
+BAD_INPUT = {
+    "--grid dropuot=0,0.1": "--grid dropuot: unknown field (did you mean dropout?)",
+    "--grid dropout=0,1.5": "dropout=1.5: dropout must be in [0, 1)",
+    "--grid num_splits=1,x": "--grid num_splits must be a whole number, got 'x'",
+    "--grid device=cpu,cuda": "--grid device: not a recipe field",
+    "--grid epochs=1,2": "--grid epochs: not a recipe field",
+    "--grid seed=1,2": "give the seeds with --seeds",
+    "--grid dropout=": "--grid dropout= has no values",
+    "--grid dropout": "give FIELD=V1,V2",
+    "--seeds 1,x": "--seeds must be a whole number, got 'x'",
+    "--seeds 1,,2": "--seeds must be a whole number, got ''",
+    "--grid dropout=0 --dropout 0.1": "--dropout and --grid dropout",
+}
+
+
+@pytest.mark.parametrize("typed", BAD_INPUT)
+def test_bad_sweep_input_is_one_line(typed, tmp_path, capsys):
+    code = main(["sweep", *TINY_FLAGS, "--out", str(tmp_path / "sweep"), *typed.split(" ")])
+    assert_one_line_error(code, capsys.readouterr().err, BAD_INPUT[typed])
+    assert not (tmp_path / "sweep").exists()  # refused before anything was written
+
+
+def test_ctrl_c_stops_the_sweep_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "fit", interrupted)
+    argv = ["sweep", *TINY_FLAGS, "--grid", "dropout=0,0.1", "--out", str(tmp_path / "s")]
+    assert main(argv) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "0 of 2 runs complete" in lines[0]
+    assert lines[0].endswith("continue with: python -m eva_utils sweep " + " ".join(argv[1:]))
+
+
+def test_parallel_runs_share_an_empty_data_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("EVA8_CACHE", str(cache))  # cli_env passes it to the subprocesses
+    archive = write_archive(write_image_folder(tmp_path / "tiny"), tmp_path / "tiny.tar.gz")
+    flags = [flag if flag != "synthetic" else str(archive) for flag in TINY_FLAGS]
+    flags[flags.index("--train-size") + 1], flags[flags.index("--test-size") + 1] = "12", "6"
+    result = run_cli(
+        "sweep", *flags, "--batch-size", "4", "--grid", "dropout=0,0.1", "--parallel", "2",
+        "--out", "sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    runs = sorted((tmp_path / "sweep").glob(f"*/{METRICS}"))
+    assert len(runs) == 2
+    assert all(len(read_metrics(path)["history"]) == 1 for path in runs)
+    assert len(list(cache.iterdir())) == 1  # one extracted copy, shared by both runs
+    summary = json.loads((tmp_path / "sweep" / SWEEP_JSON).read_text())
+    assert [cell["grid"] for cell in summary["cells"]] == [{"dropout": 0.0}, {"dropout": 0.1}]
+    assert all(math.isfinite(cell["best_acc"]["mean"]) for cell in summary["cells"])

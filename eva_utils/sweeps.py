@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import RESUMABLE_CHANGES, Config, field_flags, parse_field, recipe_name
+from .engine import fit
 from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged
 from .files import atomic_write_json
+from .plots import plot_sweep, save_figure
+from .progress import tqdm
 from .results import LABEL_FIELDS, SWEEP_JSON, summarize_sweep
 from .runfolder import METRICS, holds_run, read_metrics
 
@@ -132,8 +135,6 @@ def train_planned(
     bar counting epochs. Returns the runs that failed (diverged, or locked by another trainer)
     with why; Ctrl-C stops all of them, each keeping its last finished epoch, and raises
     Interrupted saying to continue with ``again`` (the sweep's command)."""
-    from .progress import tqdm
-
     todo = [run for run in runs if not run.complete]
     bar = tqdm(
         total=sum(run.config.epochs for run in todo), initial=sum(r.epochs_done for r in todo),
@@ -154,8 +155,6 @@ def train_planned(
 
 
 def _train_here(todo: Sequence[PlannedRun], bar: Any) -> list[tuple[PlannedRun, str]]:
-    from .engine import fit
-
     failed = []
     for run in todo:
         bar.set_postfix_str(run.folder.name)
@@ -224,8 +223,6 @@ def _last_line(path: Path) -> str:
 def write_summary(out: str | Path) -> dict[str, Any]:
     """Summarise the runs under ``out`` into ``out/sweep.json`` and draw ``out/sweep.png``;
     returns the summary (:func:`~eva_utils.results.summarize_sweep`)."""
-    from .plots import plot_sweep, save_figure
-
     out = Path(out)
     summary = summarize_sweep(out)
     atomic_write_json(summary, out / SWEEP_JSON)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_utils import engine, get_preset
+from eva_utils import get_preset, sweeps
 from eva_utils.cli import build_parser, config_from_args, main
 from eva_utils.config import Config, field_flags
 from eva_utils.results import (
@@ -168,7 +168,7 @@ def test_ctrl_c_stops_the_sweep_and_says_how_to_continue(tmp_path, capsys, monke
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "fit", interrupted)
+    monkeypatch.setattr(sweeps, "fit", interrupted)
     argv = ["sweep", *TINY_FLAGS, "--grid", "dropout=0,0.1", "--out", str(tmp_path / "s")]
     assert main(argv) == 130
     lines = capsys.readouterr().err.strip().splitlines()

@@ -7,7 +7,8 @@ from torch import nn
 
 from eva_utils import Config, fit
 from eva_utils.data import balanced_subset
-from eva_utils.engine import test, train
+from eva_utils.engine import test as evaluate  # not test: pytest would collect it
+from eva_utils.engine import train as train_epoch
 from eva_utils.loaders import DeviceLoader
 
 # Measured on an AMD EPYC (AVX2, no bf16 or fp16 instructions), one thread: the small CNN below,
@@ -64,8 +65,10 @@ def train_small_cnn(data, dtype: torch.dtype | None, seed: int = 0) -> dict[str,
     )
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
     for _ in range(3):
-        trained = train(model, loader, optimizer, scaler=scaler, amp_dtype=dtype, progress=False)
-    tested = test(model, DeviceLoader(test_set, 500), amp_dtype=dtype, progress=False)
+        trained = train_epoch(
+            model, loader, optimizer, scaler=scaler, amp_dtype=dtype, progress=False
+        )
+    tested = evaluate(model, DeviceLoader(test_set, 500), amp_dtype=dtype, progress=False)
     return {"loss": trained["loss"], "acc": tested["acc"]}
 
 

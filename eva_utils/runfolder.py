@@ -263,8 +263,7 @@ class RunFolder:
         return config
 
     def start(self) -> None:
-        """Create the folder and remove the temporaries of writers that were killed."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Remove the temporaries of writers that were killed (:meth:`open` made the folder)."""
         remove_dead_scratch(self.path)
 
     def save(self, state: dict[str, Any], environment: dict[str, str]) -> None:

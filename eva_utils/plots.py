@@ -283,7 +283,7 @@ def plot_per_class_accuracy(
 def plot_erf(
     untrained_map: Tensor,
     trained_map: Tensor,
-    theoretical_rf: RFRow | int,
+    theoretical_rf: RFRow,
     *,
     titles: tuple[str, str] = ("untrained", "trained"),
     title: str = "Effective receptive field (gradient of the centre unit)",
@@ -292,7 +292,7 @@ def plot_erf(
     the image)."""
     image = tuple(untrained_map.shape)
     top, left, bottom, right = field_box(theoretical_rf, image)
-    rf = theoretical_rf.rf if isinstance(theoretical_rf, RFRow) else (theoretical_rf,) * 2
+    rf = theoretical_rf.rf
     clipped = (bottom - top, right - left) != tuple(float(r) for r in rf)
     label = f"theoretical field, {'x'.join(map(str, rf))} pixels"
     label += " (clipped to the image)" if clipped else ""

@@ -175,9 +175,29 @@ def test_inplace_activation_row_shows_no_kernel():
     assert relu.rf == conv.rf == (3, 3)
 
 
-def test_unknown_spatial_op_is_refused():
-    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Upsample(scale_factor=2))
-    with pytest.raises(NotImplementedError, match="upsample"):
+class Gate(nn.Module):
+    """Squeeze-and-excitation's broadcast: every unit scaled by the whole map's mean."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * x.mean((2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        (nn.Upsample(scale_factor=2), "upsample"),
+        (nn.MaxPool2d(3, stride=1, padding=1), "max_pool2d"),  # keeps the size: not element-wise
+        (nn.AdaptiveAvgPool2d(2), "adaptive_avg_pool2d"),
+        (nn.ConvTranspose2d(1, 1, 3, padding=1), "transposed"),  # keeps the size too
+        (nn.ZeroPad2d(1), "constant_pad_nd"),
+        (Gate(), "mul"),
+    ],
+    ids=["upsample", "max_pool", "adaptive_pool", "transposed_conv", "pad", "broadcast"],
+)
+def test_op_it_does_not_follow_is_refused(layer, match):
+    """No model of this package runs these; the tracer refuses them rather than guess."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), layer)
+    with pytest.raises(NotImplementedError, match=match):
         receptive_field(model, (1, 8, 8))
 
 

@@ -4,10 +4,10 @@
 
 (a) plain: the loop every course writes: fp32, NCHW, a torch DataLoader over PIL transforms
     (``eva_utils.loaders.torchvision_loader``, crop + flip) and ``.item()`` every step;
-(b) library: ``eva_utils.engine.train`` on exactly what ``fit()`` builds by default (``Run``):
-    DeviceLoader (crop + flip on the device), the precision and memory format that
-    ``eva_utils.precision.choose_precision`` picks (``--precision``, ``--no-channels-last``
-    change them), progress bar on;
+(b) library: ``eva_utils.engine.train`` on exactly what ``fit()`` builds by default
+    (``TrainingState``): DeviceLoader (crop + flip on the device), the precision and memory
+    format that ``eva_utils.precision.choose_precision`` picks (``--precision``,
+    ``--no-channels-last`` change them), progress bar on;
 (c) bound: a bare forward / backward / step on one pre-loaded batch, with (b)'s precision and
     memory format: no data loading and no metrics at all.
 
@@ -41,8 +41,10 @@ import torch.nn.functional as F
 
 from eva_utils.config import PRECISIONS, Config, get_preset
 from eva_utils.data import ImageSet, balanced_subset, load_cifar10, synthetic_cifar10
-from eva_utils.engine import Run, build_model, build_optimizer, environment, select_device
+from eva_utils.devices import environment, select_device
 from eva_utils.loaders import DeviceLoader, torchvision_loader
+from eva_utils.model import build_model
+from eva_utils.state import TrainingState, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -141,19 +143,20 @@ def plain_variant(config: Config, train_set: ImageSet, device: torch.device) -> 
     return run
 
 
-def library_variant(config: Config, train_set: ImageSet) -> tuple[Callable, Run]:
-    """``train`` on what ``fit(config)`` builds (``Run``), ``config.max_batches`` steps a call."""
+def library_variant(config: Config, train_set: ImageSet) -> tuple[Callable, TrainingState]:
+    """``train`` on what ``fit(config)`` builds (``TrainingState``), ``config.max_batches``
+    steps a call."""
     test_set = train_set.subset(torch.arange(min(512, len(train_set))))
-    state = Run(config, datasets=(train_set, test_set), progress=True)
+    state = TrainingState(config, datasets=(train_set, test_set), progress=True)
 
     def run(steps: int) -> None:
-        assert steps == config.max_batches, "Run.train_epoch stops after config.max_batches"
+        assert steps == config.max_batches, "train_epoch stops after config.max_batches"
         state.train_epoch(1)
 
     return run, state
 
 
-def bound_variant(config: Config, train_set: ImageSet, state: Run) -> Callable:
+def bound_variant(config: Config, train_set: ImageSet, state: TrainingState) -> Callable:
     """Forward, backward and step on one batch already on the device: nothing else."""
     torch.manual_seed(config.seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -166,8 +169,8 @@ def bound_variant(config: Config, train_set: ImageSet, state: Run) -> Callable:
     images, labels = next(iter(loader))
     scaler = torch.amp.GradScaler(state.device.type, enabled=state.precision.scaler)
     autocast = (
-        torch.autocast(state.device.type, dtype=state.amp_dtype)
-        if state.amp_dtype is not None
+        torch.autocast(state.device.type, dtype=state.precision.dtype)
+        if state.precision.dtype is not None
         else contextlib.nullcontext()
     )
 

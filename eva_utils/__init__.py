@@ -16,8 +16,8 @@ _EXPORTS = {
     "get_preset": "config", "hyperparameter_table": "config",
     "CIFAR10_CLASSES": "data", "CIFAR10_MEAN": "data", "CIFAR10_STD": "data",
     "ImageSet": "data", "load_cifar10": "data",
-    "fit": "engine", "load_datasets": "engine", "predict": "engine", "select_device": "engine",
-    "test": "engine", "train": "engine",
+    "fit": "training", "load_datasets": "data", "predict": "analysis",
+    "select_device": "devices", "Step": "step", "test": "engine", "train": "engine",
     "EvaError": "errors", "GhostBatchNorm2d": "gbn",
     "count_parameters": "model", "resnet18": "model", "resnet34": "model",
     "receptive_field": "receptive_fields",
@@ -25,9 +25,10 @@ _EXPORTS = {
     "print_summary": "summary", "summary": "summary", "sweep": "sweeps",
 }  # fmt: skip
 _SUBMODULES = (
-    "analysis", "cli", "config", "data", "engine", "errors", "files", "gbn", "loaders", "model",
-    "notebook", "plots", "pretrained", "progress", "receptive_fields", "results", "runfolder",
-    "signals", "summary", "sweeps",
+    "analysis", "archives", "cli", "config", "data", "devices", "engine", "errors", "files",
+    "gbn", "loaders", "model", "notebook", "plots", "pretrained", "progress", "ranks",
+    "receptive_fields", "results", "runfolder", "signals", "state", "step", "summary", "sweeps",
+    "training",
 )  # fmt: skip
 
 __all__ = sorted(_EXPORTS)
@@ -48,13 +49,24 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the names are, for readers, editors and type checkers
+    from .analysis import predict
     from .config import PRESETS, TARGET_ACCURACY, Config, get_preset, hyperparameter_table
-    from .data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ImageSet, load_cifar10
-    from .engine import fit, load_datasets, predict, select_device, test, train
+    from .data import (
+        CIFAR10_CLASSES,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        ImageSet,
+        load_cifar10,
+        load_datasets,
+    )
+    from .devices import select_device
+    from .engine import test, train
     from .errors import EvaError
     from .gbn import GhostBatchNorm2d
     from .model import count_parameters, resnet18, resnet34
     from .receptive_fields import receptive_field
     from .results import compare, summarize_history
+    from .step import Step
     from .summary import print_summary, summary
     from .sweeps import sweep
+    from .training import fit

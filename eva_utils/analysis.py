@@ -21,12 +21,13 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .config import Config
-from .data import HINT, ImageSet
-from .engine import batch_bar, build_model, load_datasets, predict
+from .data import HINT, ImageSet, load_datasets
 from .errors import DataError, RunFileError
 from .files import atomic_write_text, read_json
 from .loaders import DeviceLoader
+from .model import build_model
 from .plots import plot_confusion_matrix, plot_erf, plot_misclassified, plot_per_class_accuracy
+from .progress import batch_bar
 from .receptive_fields import RFRow, effective_receptive_field, layer_field
 from .runfolder import BEST, BEST_KEYS, check_classes, load_checkpoint, load_weights
 
@@ -93,6 +94,22 @@ def find_mistakes(
     return Mistakes(
         images[wrong], labels[wrong], predicted[wrong], confidence[wrong], wrong, normalized
     )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], *, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """(probabilities (N, classes), labels (N,)) on the CPU, in the loader's order, eval mode."""
+    device = torch.device(device)
+    model.eval()
+    probs, targets = [], []
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True, memory_format=torch.contiguous_format)
+        labels = labels.to(device, non_blocking=True)
+        probs.append(model(images).float().softmax(1).cpu())
+        targets.append(labels.cpu())
+    return torch.cat(probs), torch.cat(targets)
 
 
 def predictions(

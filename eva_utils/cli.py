@@ -183,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from .engine import build_model
-    from .model import resnet18
+    from .model import build_model, resnet18
     from .summary import print_summary
 
     model = resnet18() if args.preset is None else build_model(get_preset(args.preset))
@@ -192,10 +191,10 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .engine import fit
     from .plots import save_history_figures
     from .results import summarize_history, target_reached
     from .runfolder import BEST, LAST, METRICS, RunFolder
+    from .training import fit
 
     if args.resume is not None:
         out = args.resume
@@ -209,11 +208,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         with RunFolder.open(out, resume=True) as folder:
             changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
             config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
-            if folder.epochs_done >= config.epochs:
+            done = folder.epochs_done
+            if done >= config.epochs:
                 print(
-                    f"{out} is already complete: it holds epochs 1-{folder.epochs_done} and "
-                    f"--epochs is {config.epochs}, so there is nothing to train (give --epochs "
-                    f"above {folder.epochs_done} to train longer)"
+                    f"{out} is already complete: it holds epochs 1-{done} and --epochs is "
+                    f"{config.epochs}, so there is nothing to train (give --epochs above {done} "
+                    "to train longer)"
                 )
                 return
             history = fit(config, out=folder, progress=not args.quiet)
@@ -295,8 +295,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_rf(args: argparse.Namespace) -> None:
-    from .engine import build_model
-    from .model import resnet18
+    from .model import build_model, resnet18
     from .receptive_fields import print_receptive_field
 
     model = resnet18() if args.preset is None else build_model(get_preset(args.preset))
@@ -313,7 +312,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         load_trained_model,
         save_report,
     )
-    from .engine import select_device
+    from .devices import select_device
     from .plots import save_figure
 
     device = select_device(args.device)

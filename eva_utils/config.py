@@ -20,10 +20,57 @@ AUGMENTATIONS = ("crop", "flip", "rotate")
 SCHEDULES = ("step", "onecycle")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # what each means: eva_utils.precision
 LOADERS = ("device", "torchvision")
+NORMS = ("bn", "gbn")  # what eva_utils.model.norm_layer builds
+ARCHITECTURES = ("resnet18", "resnet34")  # eva_utils.model's networks
 
 
-def _knob(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+# --- the checks of values, each written once: Config runs them all before any work, and the
+# modules that use a value run its check for callers that pass it directly -------------------
+
+
+def refuse(problem: str | None) -> None:
+    """Raise a ConfigError saying ``problem``, if there is one."""
+    if problem:
+        raise ConfigError(problem)
+
+
+def positive_int_problem(name: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"{name} must be a positive integer, got {value!r}"
+    return None
+
+
+def choice_problem(name: str, value: Any, choices: tuple[str, ...]) -> str | None:
+    if value in choices:
+        return None
+    listed = " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
+    return f"{name} must be {listed}, got {value!r}"
+
+
+def fraction_problem(name: str, value: float) -> str | None:
+    """A fraction in [0, 1): a dropout or label smoothing probability."""
+    return None if 0.0 <= value < 1.0 else f"{name} must be in [0, 1), got {value}"
+
+
+def ghost_batch_problem(num_splits: int, batch: int, described: str | None = None) -> str | None:
+    """Each ghost batch needs at least one image of the ``batch`` (``described``: how the
+    message names it, default ``batch_size (N)``)."""
+    if 1 <= batch < num_splits:
+        return (
+            f"num_splits ({num_splits}) is larger than {described or f'batch_size ({batch})'}: "
+            "each ghost batch needs at least one image"
+        )
+    return None
+
+
+# What a field is, for the lists of fields below: a hyperparameter of the training recipe (the
+# README's table, the labels of compared runs), a data size (labels too), or a field that a
+# resumed run may change.
+HYPERPARAMETER, DATA_SIZE, RESUMABLE = "hyperparameter", "data size", "resumable"
+
+
+def _knob(default: Any, help: str, *kinds: str) -> Any:
+    return field(default=default, metadata={"help": help, "kinds": kinds})
 
 
 @dataclass(frozen=True)
@@ -31,62 +78,77 @@ class Config:
     """One training run. The defaults are the assignment's recipe (the ``session8`` preset)."""
 
     # model
-    arch: str = _knob("resnet18", "architecture: resnet18 or resnet34 (pytorch-cifar)")
-    norm: str = _knob("gbn", "norm layer: gbn (Ghost BatchNorm) or bn (BatchNorm2d)")
-    num_splits: int = _knob(2, "ghost batches per batch (gbn only)")
-    dropout: float = _knob(0.10, "dropout between the two convolutions of each block")
+    arch: str = _knob(
+        "resnet18", "architecture: resnet18 or resnet34 (pytorch-cifar)", HYPERPARAMETER
+    )
+    norm: str = _knob(
+        "gbn", "norm layer: gbn (Ghost BatchNorm) or bn (BatchNorm2d)", HYPERPARAMETER
+    )
+    num_splits: int = _knob(2, "ghost batches per batch (gbn only)", HYPERPARAMETER)
+    dropout: float = _knob(
+        0.10, "dropout between the two convolutions of each block", HYPERPARAMETER
+    )
     # optimisation
-    epochs: int = _knob(30, "training epochs")
-    batch_size: int = _knob(128, "images per training batch")
-    lr: float = _knob(0.016, "SGD learning rate (the peak rate for onecycle)")
-    momentum: float = _knob(0.9, "SGD momentum")
-    nesterov: bool = _knob(False, "Nesterov momentum")
-    weight_decay: float = _knob(5e-4, "L2 weight decay")
-    decay_norm_bias: bool = _knob(True, "apply weight decay to norm weights and biases too")
-    label_smoothing: float = _knob(0.0, "cross-entropy label smoothing")
-    schedule: str = _knob("step", "lr schedule: step (StepLR, per epoch) or onecycle (per step)")
-    step_size: int = _knob(2, "StepLR: epochs between lr drops")
-    gamma: float = _knob(0.92, "StepLR: lr multiplier at each drop")
-    warmup: float = _knob(0.25, "onecycle: fraction of training spent warming up")
+    epochs: int = _knob(30, "training epochs", HYPERPARAMETER, RESUMABLE)
+    batch_size: int = _knob(128, "images per training batch", HYPERPARAMETER)
+    lr: float = _knob(0.016, "SGD learning rate (the peak rate for onecycle)", HYPERPARAMETER)
+    momentum: float = _knob(0.9, "SGD momentum", HYPERPARAMETER)
+    nesterov: bool = _knob(False, "Nesterov momentum", HYPERPARAMETER)
+    weight_decay: float = _knob(5e-4, "L2 weight decay", HYPERPARAMETER)
+    decay_norm_bias: bool = _knob(
+        True, "apply weight decay to norm weights and biases too", HYPERPARAMETER
+    )
+    label_smoothing: float = _knob(0.0, "cross-entropy label smoothing", HYPERPARAMETER)
+    schedule: str = _knob(
+        "step", "lr schedule: step (StepLR, per epoch) or onecycle (per step)", HYPERPARAMETER
+    )
+    step_size: int = _knob(2, "StepLR: epochs between lr drops", HYPERPARAMETER)
+    gamma: float = _knob(0.92, "StepLR: lr multiplier at each drop", HYPERPARAMETER)
+    warmup: float = _knob(0.25, "onecycle: fraction of training spent warming up", HYPERPARAMETER)
     # data
     augment: tuple[str, ...] = _knob(
-        ("crop", "flip", "rotate"), "training augmentation: crop (32, pad 4), flip, rotate"
+        ("crop", "flip", "rotate"),
+        "training augmentation: crop (32, pad 4), flip, rotate",
+        HYPERPARAMETER,
     )
-    rotate_degrees: float = _knob(8.0, "rotate: largest rotation, in degrees either way")
-    tta_flip: bool = _knob(False, "test-time augmentation: average with the flipped image")
+    rotate_degrees: float = _knob(
+        8.0, "rotate: largest rotation, in degrees either way", HYPERPARAMETER
+    )
+    tta_flip: bool = _knob(
+        False, "test-time augmentation: average with the flipped image", HYPERPARAMETER
+    )
     data: str | None = _knob(
         None, "data: none = download CIFAR-10 to ./data; a folder or .tar.gz; 'synthetic'"
     )
-    train_size: int | None = _knob(None, "class-balanced training subset (none: all)")
-    test_size: int | None = _knob(None, "class-balanced test subset (none: all)")
+    train_size: int | None = _knob(None, "class-balanced training subset (none: all)", DATA_SIZE)
+    test_size: int | None = _knob(None, "class-balanced test subset (none: all)", DATA_SIZE)
     # run
-    seed: int = _knob(1, "seed for weights, subsets, shuffling and augmentation")
-    device: str = _knob("auto", "auto (cuda, then mps, then cpu), or a torch device")
+    seed: int = _knob(1, "seed for weights, subsets, shuffling and augmentation", HYPERPARAMETER)
+    device: str = _knob("auto", "auto (cuda, then mps, then cpu), or a torch device", RESUMABLE)
     loader: str = _knob("device", "device (batches built on the device) or torchvision (PIL)")
     channels_last: bool = _knob(True, "channels_last memory format")
     precision: str = _knob(
         "auto",
         "auto (bf16 where native, fp16 + gradient scaler on CUDA 7.x, else fp32), bf16, fp16, fp32",
+        HYPERPARAMETER,
     )
-    compile: bool = _knob(False, "torch.compile the model")
-    num_workers: int = _knob(2, "DataLoader workers (torchvision loader only)")
+    compile: bool = _knob(False, "torch.compile the model", RESUMABLE)
+    num_workers: int = _knob(2, "DataLoader workers (torchvision loader only)", RESUMABLE)
     max_batches: int | None = _knob(None, "dry run: stop each epoch after this many batches")
 
     def __post_init__(self) -> None:
         # Tuples arrive as lists from JSON and the CLI.
         object.__setattr__(self, "augment", tuple(self.augment))
-        problems = list(self._problems())
+        problems = [problem for problem in self._problems() if problem]
         if problems:
             raise ConfigError("; ".join(problems))
 
     def _problems(self):
         for name in ("epochs", "batch_size", "num_splits", "step_size"):
-            if getattr(self, name) < 1:
-                yield f"{name} must be a positive integer, got {getattr(self, name)}"
+            yield positive_int_problem(name, getattr(self, name))
         for name in ("train_size", "test_size", "max_batches"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                yield f"{name} must be a positive integer, got {value}"
+            if getattr(self, name) is not None:
+                yield positive_int_problem(name, getattr(self, name))
         if not 0.0 < self.lr < float("inf"):  # also refuses NaN
             yield f"lr must be a positive number, got {self.lr}"
         for name in ("momentum", "weight_decay", "rotate_degrees", "num_workers"):
@@ -98,28 +160,18 @@ class Config:
             yield f"gamma must be a positive number, got {self.gamma}"
         if not 0.0 < self.warmup < 1.0:
             yield f"warmup must be a fraction in (0, 1), got {self.warmup}"
-        if self.norm == "gbn" and 1 <= self.batch_size < self.num_splits:
-            yield (
-                f"num_splits ({self.num_splits}) is larger than batch_size ({self.batch_size}): "
-                "each ghost batch needs at least one image"
-            )
-        if self.norm not in ("bn", "gbn"):
-            yield f"norm must be bn or gbn, got {self.norm!r}"
-        if self.arch not in ("resnet18", "resnet34"):
-            yield f"arch must be resnet18 or resnet34, got {self.arch!r}"
-        if self.schedule not in SCHEDULES:
-            yield f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-        if self.precision not in PRECISIONS:
-            yield f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-        if self.loader not in LOADERS:
-            yield f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}"
+        if self.norm == "gbn":
+            yield ghost_batch_problem(self.num_splits, self.batch_size)
+        yield choice_problem("norm", self.norm, NORMS)
+        yield choice_problem("arch", self.arch, ARCHITECTURES)
+        yield choice_problem("schedule", self.schedule, SCHEDULES)
+        yield choice_problem("precision", self.precision, PRECISIONS)
+        yield choice_problem("loader", self.loader, LOADERS)
         unknown = set(self.augment) - set(AUGMENTATIONS)
         if unknown:
             yield f"unknown augmentation {sorted(unknown)}: choose from {', '.join(AUGMENTATIONS)}"
-        if not 0.0 <= self.dropout < 1.0:
-            yield f"dropout must be in [0, 1), got {self.dropout}"
-        if not 0.0 <= self.label_smoothing < 1.0:
-            yield f"label_smoothing must be in [0, 1), got {self.label_smoothing}"
+        yield fraction_problem("dropout", self.dropout)
+        yield fraction_problem("label_smoothing", self.label_smoothing)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated again)."""
@@ -139,6 +191,29 @@ class Config:
         """The config a ``to_dict()`` recorded, also one recorded before ``precision`` replaced
         the ``amp`` switch."""
         return cls().replace(**upgrade_config_dict(values))
+
+
+# --- the lists of fields, from the kinds each field declares above ------------------------------
+
+
+def _fields_of_kind(kind: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config) if kind in f.metadata["kinds"])
+
+
+# The training recipe's hyperparameters: the README's tables, and what labels of runs name.
+HYPERPARAMETERS = _fields_of_kind(HYPERPARAMETER)
+# The fields a resumed run may change: where and how fast it computes (device, compiled kernels,
+# DataLoader workers) and how long it goes on (epochs; a onecycle schedule is fixed at the start,
+# so a onecycle run still refuses a new length).
+RESUMABLE_CHANGES = _fields_of_kind(RESUMABLE)
+# A run's recipe: every other field, since each changes what is computed (the model, the data,
+# the optimisation, the random streams). A run keeps its recipe: a resume refuses a new value,
+# and two recipes never share a run folder (recipe_name).
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_CHANGES)
+# What sets compared runs apart in their labels: the hyperparameters and the data sizes.
+LABEL_FIELDS = (*HYPERPARAMETERS, *_fields_of_kind(DATA_SIZE))
+# What a sweep's grid may vary: the labelled fields of the recipe, but the seeds (--seeds).
+GRID_FIELDS = tuple(name for name in LABEL_FIELDS if name in RECIPE_FIELDS and name != "seed")
 
 
 def upgrade_config_dict(values: dict[str, Any]) -> dict[str, Any]:
@@ -236,17 +311,10 @@ def hyperparameter_table(config: Config, fields: tuple[str, ...] | None = None) 
     return "\n".join(rows)
 
 
-# The fields a resumed run may change: where and how fast it computes (device, compiled kernels,
-# DataLoader workers) and how long it goes on (epochs; a onecycle schedule is fixed at the start,
-# so a onecycle run still refuses a new length). Every other field changes what is computed (the
-# model, the data, the optimisation, the random streams), so a resume refuses a new value.
-RESUMABLE_CHANGES = ("epochs", "device", "compile", "num_workers")
-
-
 def recipe_name(config: Config) -> str:
-    """A run folder name for ``config``'s recipe: readable, and different for every recipe
-    (every field that a resume refuses to change), so that two recipes never share a folder."""
-    recipe = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    """A run folder name for ``config``'s recipe (:data:`RECIPE_FIELDS`): readable, and
+    different for every recipe, so that two recipes never share a folder."""
+    recipe = {k: v for k, v in config.to_dict().items() if k in RECIPE_FIELDS}
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     norm = f"gbn{config.num_splits}" if config.norm == "gbn" else "bn"
     images = f"{config.train_size}img" if config.train_size else "all"
@@ -264,10 +332,3 @@ def divergence_advice(config: Config) -> str:
             "decay alone makes the weights grow at every step: lower --weight-decay (or --lr)"
         )
     return "lower the learning rate (--lr), or the weight decay (--weight-decay) if you raised it"
-
-
-RECIPE_FIELDS = (
-    "arch", "norm", "num_splits", "dropout", "epochs", "batch_size", "lr", "momentum", "nesterov",
-    "weight_decay", "decay_norm_bias", "label_smoothing", "schedule", "step_size", "gamma",
-    "warmup", "augment", "rotate_degrees", "tta_flip", "seed", "precision",
-)  # fmt: skip

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import positive_int_problem, refuse
+
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """A drop-in replacement for ``nn.BatchNorm2d`` that normalises ghost batches separately.
@@ -38,8 +40,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if not isinstance(num_splits, int) or num_splits < 1:
-            raise ValueError(f"num_splits must be a positive integer, got {num_splits!r}")
+        refuse(positive_int_problem("num_splits", num_splits))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.num_splits = num_splits
 

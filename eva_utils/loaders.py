@@ -8,8 +8,9 @@ plain reference; both draw augmentations from the same distributions.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .config import Config
 from .data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
 
 PADDING = 4  # RandomCrop(32, padding=4)
+TEST_BATCH = 512  # evaluation batch: no gradients to keep, so larger than a training batch
 Batch = tuple[Tensor, Tensor]
 
 
@@ -175,3 +178,44 @@ def torchvision_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+class Limited:
+    """The first ``max_batches`` batches of ``loader`` (all of them when None): the dry-run
+    knob. It stops before fetching batch ``max_batches + 1``, so no augmentation or shuffle is
+    drawn for a batch that is never used."""
+
+    def __init__(self, loader: Iterable[Batch], max_batches: int | None) -> None:
+        self.loader = loader
+        self.max_batches = max_batches
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.max_batches or len(self.loader))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return itertools.islice(self.loader, self.max_batches)
+
+
+def build_loaders(
+    config: Config,
+    train_set: ImageSet,
+    test_set: ImageSet,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[Limited, Limited]:
+    """Training and test loaders of the kind the config names, cut to ``config.max_batches``."""
+    if config.loader == "device":
+        common = dict(device=device, channels_last=config.channels_last)
+        train_loader = DeviceLoader(
+            train_set, config.batch_size, shuffle=True, augment=config.augment,
+            rotate_degrees=config.rotate_degrees, generator=generator, **common,
+        )  # fmt: skip
+        test_loader = DeviceLoader(test_set, TEST_BATCH, **common)
+    else:
+        common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        train_loader = torchvision_loader(
+            train_set, config.batch_size, train=True, augment=config.augment,
+            rotate_degrees=config.rotate_degrees, generator=generator, **common,
+        )  # fmt: skip
+        test_loader = torchvision_loader(test_set, TEST_BATCH, train=False, **common)
+    return Limited(train_loader, config.max_batches), Limited(test_loader, config.max_batches)

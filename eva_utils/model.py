@@ -13,19 +13,16 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import NORMS, Config, choice_problem, fraction_problem, refuse
 from .gbn import GhostBatchNorm2d
 
 NormLayer = Callable[[int], nn.Module]
-NORMS = ("bn", "gbn")
 
 
 def norm_layer(norm: str = "bn", num_splits: int = 2) -> NormLayer:
     """The constructor for a norm slot: ``"bn"`` (BatchNorm2d) or ``"gbn"`` (GhostBatchNorm2d)."""
-    if norm == "bn":
-        return nn.BatchNorm2d
-    if norm == "gbn":
-        return partial(GhostBatchNorm2d, num_splits=num_splits)
-    raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
+    refuse(choice_problem("norm", norm, NORMS))
+    return nn.BatchNorm2d if norm == "bn" else partial(GhostBatchNorm2d, num_splits=num_splits)
 
 
 class BasicBlock(nn.Module):
@@ -77,8 +74,7 @@ class ResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        refuse(fraction_problem("dropout", dropout))
         self.in_planes = 64
         self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = norm_layer(64)
@@ -121,6 +117,15 @@ def resnet34(
 
 
 ARCHITECTURES: dict[str, Callable[..., ResNet]] = {"resnet18": resnet18, "resnet34": resnet34}
+
+
+def build_model(config: Config, num_classes: int = 10) -> ResNet:
+    """The config's network (GBN and dropout included when the config says so)."""
+    refuse(choice_problem("arch", config.arch, tuple(ARCHITECTURES)))
+    build = ARCHITECTURES[config.arch]
+    return build(
+        num_classes, norm=config.norm, num_splits=config.num_splits, dropout=config.dropout
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

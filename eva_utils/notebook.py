@@ -24,8 +24,8 @@ from torch import Tensor
 
 from . import analysis, pretrained
 from .config import Config, get_preset, parse_field, recipe_name
-from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet
-from .engine import environment, load_datasets, select_device
+from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, load_datasets
+from .devices import environment, select_device
 from .errors import ConfigError, DataError, EvaError
 from .files import make_scratch_folder, remove_dead_scratch
 from .loaders import DeviceLoader

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PRECISIONS
+from .config import PRECISIONS, choice_problem, refuse
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # The first compute capability with bf16 (Ampere), and with fp16 tensor cores (Volta).
@@ -78,8 +78,7 @@ def decide(hardware: Hardware, precision: str = "auto", channels_last: bool = Tr
     NHWC, and an fp32 training step on an AVX2 CPU was measured no slower in it (3% and 9%
     faster than NCHW in two interleaved one-thread runs: README, *What runs where*).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    refuse(choice_problem("precision", precision, PRECISIONS))
     if precision == "auto":
         native = hardware.native()
         dtype = native[0] if native else None
@@ -120,28 +119,3 @@ def _cpu_has_native_bf16() -> bool:
             return bool(torch.cpu._is_avx512_bf16_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
-
-
-# The platforms students train on, as the choice sees them: the README's "what runs where".
-PLATFORMS: dict[str, Hardware] = {
-    "NVIDIA H100 (compute capability 9.0)": Hardware("cuda", (9, 0)),
-    "NVIDIA A100 (8.0)": Hardware("cuda", (8, 0)),
-    "NVIDIA T4, Colab's free GPU (7.5)": Hardware("cuda", (7, 5)),
-    "NVIDIA V100 (7.0)": Hardware("cuda", (7, 0)),
-    "NVIDIA P100 (6.0)": Hardware("cuda", (6, 0)),
-    "CPU with bf16 instructions (AVX512-BF16, AMX, Arm BF16)": Hardware("cpu", cpu_bf16=True),
-    "CPU without them (AVX2; AVX-512 before Cooper Lake)": Hardware("cpu"),
-    "Apple GPU (MPS)": Hardware("mps"),
-}
-
-
-def platform_table() -> str:
-    """A Markdown table of what ``--precision auto`` (with channels_last on) picks on each of
-    :data:`PLATFORMS`."""
-    rows = ["| platform | computes in | gradient scaler | memory format |", "|---|---|---|---|"]
-    for name, hardware in PLATFORMS.items():
-        chosen = decide(hardware)
-        memory_format = "channels_last" if chosen.channels_last else "NCHW"
-        scaler = "yes" if chosen.scaler else "no"
-        rows.append(f"| {name} | {chosen.name} | {scaler} | {memory_format} |")
-    return "\n".join(rows)

@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="IProgress not found")
     from tqdm.auto import tqdm
 
-__all__ = ["bar", "epoch_bar", "redraws", "tqdm"]
+__all__ = ["bar", "batch_bar", "epoch_bar", "redraws", "tqdm"]
 
 
 def redraws() -> bool:
@@ -37,6 +37,17 @@ def redraws() -> bool:
 def bar(iterable: Iterable, *, progress: bool = True, **options: Any) -> tqdm:
     """``tqdm(iterable, **options)``, shown only with ``progress`` where bars redraw."""
     return tqdm(iterable, disable=not (progress and redraws()), **options)
+
+
+def batch_bar(loader: Iterable, *, desc: str = "", progress: bool = True) -> tqdm:
+    """The batches of ``loader`` behind a progress bar (its length from ``len(loader)``).
+
+    tqdm wraps one iterator, never the loader itself: ``tqdm.auto`` calls ``iter()`` on what it
+    wraps when it is built and again when it is looped over, and each ``iter()`` of a DataLoader
+    draws from its generator (a different shuffle than the plain loop's) and starts its workers.
+    """
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return bar(iter(loader), total=total, desc=desc, progress=progress, leave=False)
 
 
 class EpochLines:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .analysis import REPORT_NAME, load_report
 from .config import (
+    GRID_FIELDS,
+    HYPERPARAMETERS,
+    LABEL_FIELDS,
     PRESETS,
-    RECIPE_FIELDS,
-    RESUMABLE_CHANGES,
     TARGET_ACCURACY,
     Config,
     recipe_name,
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 PROVENANCE = "provenance.json"
 SWEEP_JSON = "sweep.json"
 SWEEP_FORMAT = "eva8-sweep"
-ABLATION = "results/ablation"  # the recorded ablation sweep: sweep.json, sweep.png, provenance
-ABLATION_COMMAND = "make ablation DATA=path/to/cifar10-jpg.tar.gz"
 STD_MEANING = (
     "sample standard deviation over the seeds (n-1 in the denominator); null for a cell with "
     "one seed, where no spread can be measured"
@@ -46,7 +44,6 @@ STD_MEANING = (
 PEER_HISTORY = "history.json"
 # What the labels of compared runs always name; other recipe fields only where the runs differ.
 NORM_FIELDS = ("norm", "num_splits", "dropout")
-LABEL_FIELDS = (*RECIPE_FIELDS, "train_size", "test_size")
 UNKNOWN_RECIPE, UNKNOWN_DATA = "unknown recipe", "unknown data"
 
 
@@ -135,7 +132,7 @@ def read_recorded_run(folder: str | Path) -> RecordedRun:
         folder = folder.parent
     if not folder.is_dir():
         raise RunFileError(f"{folder} is not a run folder: give runs/NAME or results/NAME")
-    provenance = _read_provenance(folder / PROVENANCE)
+    provenance = read_provenance(folder / PROVENANCE)
     if provenance.get("peer") and not (folder / METRICS).exists():
         metrics = _read_peer_history(folder / PEER_HISTORY)
     elif (folder / METRICS).exists():
@@ -148,7 +145,7 @@ def read_recorded_run(folder: str | Path) -> RecordedRun:
     return RecordedRun(folder.name, metrics, provenance)
 
 
-def _read_provenance(path: Path) -> dict[str, Any]:
+def read_provenance(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     provenance = read_json(path, "give a run folder of results/")
@@ -187,68 +184,6 @@ def recorded_runs(folder: str | Path = "results") -> list[RecordedRun]:
 # --- the README's tables and captions ----------------------------------------------------------
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
-
-
-def results_table(runs: Sequence[RecordedRun]) -> str:
-    """A Markdown table of recorded runs: the README's results, generated so that its numbers
-    are the files' numbers. Peers are marked as not this project."""
-    rows = [
-        "| run | data (train/test images) | epochs | best test acc (epoch) | final test acc "
-        f"| {TARGET_ACCURACY:.0%} first reached | s/epoch | total (train + test) | hardware |",
-        "|---|---|---|---|---|---|---:|---:|---|",
-    ]
-    for run in runs:
-        s = run.summary()
-        source, sizes = describe_data(run.config)
-        reached = target_reached(s)
-        name = f"`{run.name}`" + (" (peer: not this project)" if run.peer else "")
-        rows.append(
-            f"| {name} | {source} ({sizes}) | {s['epochs']} | {s['best_acc']:.2%} "
-            f"(epoch {s['best_epoch']}) | {s['final_acc']:.2%} | {reached} "
-            f"| {s['seconds_per_epoch']:.1f} | {_minutes(s['seconds_per_epoch'] * s['epochs'])} "
-            f"| {run.hardware} |"
-        )
-    return "\n".join(rows)
-
-
-def provenance_list(runs: Sequence[RecordedRun]) -> str:
-    """A Markdown list: how each run was measured (its command, or a peer's description)."""
-    lines = []
-    for run in runs:
-        p = run.provenance
-        how, where = _how_and_where(p)
-        note = f"; {p['note']}" if p.get("note") else ""
-        lines.append(f"- `{run.name}`: {how} ({where}){note}.")
-    return "\n".join(lines)
-
-
-def _how_and_where(provenance: dict[str, Any], default: str = "") -> tuple[str, str]:
-    """How a recording was made (its command, else its description) and where (software,
-    commit, date), from its provenance."""
-    p = provenance
-    how = f"`{p['command']}`" if "command" in p else p.get("description", default)
-    where = ", ".join(
-        part
-        for part in (p.get("software"), p.get("commit") and f"commit {p['commit']}",
-                     p.get("measured"))
-        if part
-    )  # fmt: skip
-    return how, where
-
-
-def history_caption(run: RecordedRun) -> str:
-    """The README caption under a run's validation loss and accuracy graphs."""
-    s = run.summary()
-    source, sizes = describe_data(run.config)
-    return (
-        f"*Validation loss and accuracy of `results/{run.name}` ({run_label(run)}): "
-        f"{s['epochs']} epochs on {source} (train/test images: {sizes}), {run.hardware}; best "
-        f"{s['best_acc']:.2%} at epoch {s['best_epoch']}. Redraw with `make figures`.*"
-    )
-
-
 # --- comparing runs ----------------------------------------------------------------------------
 
 
@@ -264,7 +199,7 @@ def _norm_label(config: dict[str, Any]) -> str:
 
 def _preset_of(config: dict[str, Any]) -> str | None:
     """The preset whose recipe ``config`` follows, apart from its norm layer and dropout."""
-    compared = [name for name in RECIPE_FIELDS if name not in (*NORM_FIELDS, "epochs")]
+    compared = [name for name in HYPERPARAMETERS if name not in (*NORM_FIELDS, "epochs")]
     for name, preset in PRESETS.items():
         if all(_same(config.get(key), getattr(preset, key)) for key in compared):
             return name
@@ -368,22 +303,6 @@ def compare(*runs: str | Path | RecordedRun, title: str = "") -> tuple[Figure, s
     return figure, comparison_table(recorded)
 
 
-def analysis_caption(run: RecordedRun, folder: str | Path) -> str:
-    """The README caption under the analysis figures, from the run's ``analysis.json``."""
-    report, _ = load_report(Path(folder) / REPORT_NAME)
-    accuracy = report.accuracy.nan_to_num(2.0)
-    weakest, strongest = int(accuracy.argmin()), int(report.accuracy.nan_to_num(-1.0).argmax())
-    tested = int(report.matrix.sum())
-    return (
-        f"*The 32 most confident mistakes, the confusion matrix and the accuracy per class of "
-        f"`{run.name}`'s best checkpoint (epoch {run.summary()['best_epoch']}), evaluated again "
-        f"in fp32 by `analyze`: {report.overall_accuracy:.2%} on {tested:,} test images, "
-        f"{len(report.mistakes):,} misclassified; weakest class {report.classes[weakest]} "
-        f"({report.accuracy[weakest]:.2%}), strongest {report.classes[strongest]} "
-        f"({report.accuracy[strongest]:.2%}).*"
-    )
-
-
 # --- sweeps: several seeds of each cell of a grid ----------------------------------------------
 
 
@@ -411,9 +330,8 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
     ]  # fmt: skip
     varied = [
         key
-        for key in LABEL_FIELDS
-        if key not in (*RESUMABLE_CHANGES, "seed")
-        and any(not _same(run.config.get(key), cell_runs[0].config.get(key)) for run in cell_runs)
+        for key in GRID_FIELDS
+        if any(not _same(run.config.get(key), cell_runs[0].config.get(key)) for run in cell_runs)
     ]
     labels = comparison_labels(cell_runs)
     summaries = [
@@ -471,7 +389,7 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
     return {"values": list(values), "mean": statistics.fmean(values), "std": _std(values)}
 
 
-def _sweep_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+def sweep_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
     """The sweep table's header and one row of text cells per cell of the grid."""
     target = summary["target"]
     rows = [("cell", "seeds", "best test acc", "final test acc", f"{target:.0%} first reached",
@@ -497,47 +415,4 @@ def _mean_std(spread: dict[str, Any]) -> str:
 
 def sweep_table(summary: dict[str, Any]) -> str:
     """A sweep's summary as a plain-text table: accuracies as mean ± sample std in points."""
-    return _aligned(_sweep_rows(summary))
-
-
-def sweep_markdown(summary: dict[str, Any]) -> str:
-    """A sweep's summary as a Markdown table."""
-    header, *rows = _sweep_rows(summary)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
-
-
-SPREAD_SENTENCE = (
-    "The ± is the sample standard deviation over the seeds (n-1 in the denominator), in "
-    "percentage points: how far the same recipe moves when only the seed (initial weights, data "
-    "order, augmentation) changes. A gap between two cells smaller than about twice that spread "
-    "is not evidence that one recipe beats the other."
-)
-
-
-def ablation_section(folder: str | Path = ABLATION) -> str:
-    """The README's "Ablation" section, from ``folder``'s ``sweep.json`` and ``provenance.json``
-    (how it was measured); without them, says the ablation has not been run on a GPU yet."""
-    folder = Path(folder)
-    if not (folder / SWEEP_JSON).is_file():
-        return (
-            "The ablation has not been run on a GPU yet, so there are no numbers here. It trains "
-            "GBN with 1, 2, 4 and 8 splits, each with dropout 0 and 0.1, for seeds 1, 2 and 3 "
-            f"(24 runs of the session8 recipe on all of the data): `{ABLATION_COMMAND}` writes "
-            "`sweeps/ablation/` (or `benchmarks/gpu_suite.sh` as its last stage); copy its "
-            f"`{SWEEP_JSON}` and `sweep.png` into `{ABLATION}/` with a `{PROVENANCE}` (hardware, "
-            "commit, command, date) and this section shows them. " + SPREAD_SENTENCE
-        )
-    summary = read_json(folder / SWEEP_JSON, "run the sweep first")
-    cells, seeds = summary["cells"], sorted({seed for c in summary["cells"] for seed in c["seeds"]})
-    how, where = _how_and_where(_read_provenance(folder / PROVENANCE), "the sweep")
-    return "\n".join([
-        f"{len(cells)} cells x seeds {', '.join(map(str, seeds))}, {max(cells[0]['epochs'])} "
-        f"epochs on {summary['data']}, {'; '.join(summary['hardware'])}: {how} ({where}).",
-        "",
-        sweep_markdown(summary),
-        "",
-        f"![mean test accuracy per epoch of each cell]({ABLATION}/sweep.png)",
-        "",
-        SPREAD_SENTENCE,
-    ])  # fmt: skip
+    return _aligned(sweep_rows(summary))

@@ -1,10 +1,11 @@
 """Run folders: the files a training run writes, how they are read and checked, and when a run
 may be resumed.
 
-A run folder holds ``last.pt`` (a training run's whole state, :meth:`engine.Run.state_dict`:
-enough to resume exactly), ``best.pt`` (the best epoch's weights, config and classes) and
-``metrics.json`` (config, environment and history). This module only writes, reads and checks
-these files; what goes into them comes from the objects that own it.
+A run folder holds ``last.pt`` (a training run's whole state,
+:meth:`~eva_utils.state.TrainingState.state_dict`: enough to resume exactly), ``best.pt`` (the
+best epoch's weights, config and classes) and ``metrics.json`` (config, environment and
+history). This module only writes, reads and checks these files; what goes into them comes from
+the objects that own it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import RESUMABLE_CHANGES, Config
+from .config import RECIPE_FIELDS, Config
 from .errors import CheckpointError, RunFileError
 from .files import (
     atomic_write,
@@ -160,11 +161,11 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
 
 def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
     """Refuse to resume the run in ``out``, started with ``saved``, with a ``config`` that
-    differs in any field but :data:`~eva_utils.config.RESUMABLE_CHANGES`."""
+    differs in a field of its recipe (:data:`~eva_utils.config.RECIPE_FIELDS`)."""
     changed = ", ".join(
         f"--{name.replace('_', '-')} {_flag_value(old)} -> {_flag_value(new)}"
         for (name, old), (_, new) in zip(saved.items(), config.items())
-        if name not in RESUMABLE_CHANGES and old != new
+        if name in RECIPE_FIELDS and old != new
     )
     if changed:
         raise CheckpointError(
@@ -182,13 +183,24 @@ def holds_run(path: str | Path) -> bool:
     return (Path(path) / LAST).exists()
 
 
+def epochs_done(path: str | Path) -> int:
+    """How many epochs the run in folder ``path`` has finished and saved: 0 without a
+    ``last.pt``, else the epochs its ``metrics.json`` records (read without loading the
+    checkpoint). :meth:`RunFolder.save` writes metrics.json after last.pt, so it never counts an
+    epoch that last.pt does not hold."""
+    path = Path(path)
+    if not holds_run(path) or not (path / METRICS).is_file():
+        return 0
+    return len(read_metrics(path / METRICS)["history"])
+
+
 @dataclass
 class RunFolder:
     """A run folder opened for training: checked once, its ``last.pt`` read once, and locked, so
     that one process at a time trains in it.
 
     ``state`` is the run state that ``last.pt`` holds when the run is resumed, None for a new
-    run. The policy, one for the CLI, :func:`~eva_utils.engine.fit` and the notebooks: a new run
+    run. The policy, one for the CLI, :func:`~eva_utils.training.fit` and the notebooks: a new run
     needs a folder without a run in it; a resumed run needs one with a ``last.pt``, the same
     recipe (:func:`check_same_recipe`), and a folder that can take the next checkpoint; neither
     starts while another process trains there. Close it (or use it as a context manager) to let
@@ -221,6 +233,7 @@ class RunFolder:
                 )
             if resume:
                 folder.state = load_checkpoint(path / LAST)
+            remove_dead_scratch(path)  # the temporaries of writers that were killed
         except BaseException:
             folder.close()
             raise
@@ -249,7 +262,8 @@ class RunFolder:
 
     @property
     def epochs_done(self) -> int:
-        return len(self.state["history"]) if self.state is not None else 0
+        """The epochs the folder holds now (:func:`epochs_done`)."""
+        return epochs_done(self.path)
 
     def check_recipe(self, config: Config) -> None:
         """Refuse to continue this folder's run with another recipe (a new run: no check)."""
@@ -262,18 +276,15 @@ class RunFolder:
         self.check_recipe(config)
         return config
 
-    def start(self) -> None:
-        """Remove the temporaries of writers that were killed (:meth:`open` made the folder)."""
-        remove_dead_scratch(self.path)
-
     def save(self, state: dict[str, Any], environment: dict[str, str]) -> None:
-        """Write best.pt (if the last epoch is the best), metrics.json and last.pt, atomically.
+        """Write best.pt (if the last epoch is the best), last.pt and metrics.json, atomically.
 
-        ``state`` is :meth:`engine.Run.state_dict`. last.pt goes last: it is what a resume
-        starts from, so a crash between the writes makes the resumed run redo this epoch
-        (exactly) and rewrite the other two. A write that fails (disk full, read-only folder)
-        raises CheckpointError and leaves the files it would replace. Ctrl-C and SIGTERM wait
-        until the writes are done.
+        ``state`` is :meth:`state.TrainingState.state_dict`. metrics.json goes last, so that it
+        never records an epoch that last.pt (what a resume starts from) does not hold: a crash
+        between the writes leaves last.pt one epoch ahead, and the resumed run rewrites
+        metrics.json from it. A write that fails (disk full, read-only folder) raises
+        CheckpointError and leaves the files it would replace. Ctrl-C and SIGTERM wait until the
+        writes are done.
         """
         history = state["history"]
         try:
@@ -282,9 +293,9 @@ class RunFolder:
                     best = {key: state[key] for key in ("config", "classes", "model")}
                     best.update(epoch=history[-1]["epoch"], test_acc=history[-1]["test_acc"])
                     save_checkpoint(best, self.path / BEST)
+                save_checkpoint(state, self.path / LAST)
                 config = Config.from_dict(state["config"])
                 write_metrics(self.path / METRICS, config, history, environment)
-                save_checkpoint(state, self.path / LAST)
         except OSError as error:
             raise CheckpointError(
                 f"could not save epoch {history[-1]['epoch']} into {self.path} "
@@ -292,13 +303,6 @@ class RunFolder:
                 f"space or make the folder writable, then python -m eva_utils train --resume "
                 f"{self.path}"
             ) from None
-
-    def saved_epochs(self) -> int:
-        """How many epochs ``last.pt`` holds now (0 if none or unreadable)."""
-        try:
-            return len(load_checkpoint(self.path / LAST)["history"])
-        except CheckpointError:
-            return 0
 
 
 # --- the lock ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Seeded ablations: every cell of a grid of recipe fields, trained for several seeds.
 
 Each cell x seed is an ordinary run folder under the sweep's folder, named from its recipe
-(:func:`~eva_utils.config.recipe_name`) and written by :func:`~eva_utils.engine.fit`, so
+(:func:`~eva_utils.config.recipe_name`) and written by :func:`~eva_utils.training.fit`, so
 ``plot``, ``compare`` and ``analyze`` work on each. Running the same sweep again continues it:
 finished runs are skipped, interrupted ones resumed, and a changed grid or recipe adds runs in
 new folders. ``sweep.json`` and ``sweep.png`` summarise the runs (:func:`write_summary`).
@@ -19,21 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RESUMABLE_CHANGES, Config, field_flags, parse_field, recipe_name
-from .engine import fit
+from .config import GRID_FIELDS, Config, field_flags, parse_field, recipe_name
 from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged
 from .files import atomic_write_json
 from .plots import plot_sweep, save_figure
 from .progress import tqdm
-from .results import LABEL_FIELDS, SWEEP_JSON, summarize_sweep
-from .runfolder import METRICS, holds_run, read_metrics
+from .results import SWEEP_JSON, summarize_sweep
+from .runfolder import epochs_done, holds_run
+from .training import fit
 
 SWEEP_PNG = "sweep.png"
 LOGS = "logs"  # the sweep folder's logs/<run>.log: the output of each run trained in a subprocess
 POLL_SECONDS = 0.5  # how often the parallel runs' progress and exits are looked at
-# Fields a grid may vary: those that change what is computed (a resume refuses a new value, so
-# each value gets its own run folder), the data sizes included. Seeds come from --seeds.
-GRID_FIELDS = tuple(name for name in LABEL_FIELDS if name not in (*RESUMABLE_CHANGES, "seed"))
 Grid = Mapping[str, Sequence[Any]]
 
 
@@ -118,13 +115,8 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
                 shown = ", ".join(f"{name}={value}" for name, value in cell.items())
                 raise ConfigError(f"the grid cell {shown}: {error}") from None
             folder = Path(out) / recipe_name(run_config)
-            runs.append(PlannedRun(run_config, folder, _epochs_done(folder)))
+            runs.append(PlannedRun(run_config, folder, epochs_done(folder)))
     return runs
-
-
-def _epochs_done(folder: Path) -> int:
-    """The epochs a run folder holds (0 for none, or a run killed in its first epoch)."""
-    return len(read_metrics(folder / METRICS)["history"]) if holds_run(folder) else 0
 
 
 def train_planned(
@@ -145,7 +137,7 @@ def train_planned(
             return _train_here(todo, bar)
         return _train_in_subprocesses(todo, parallel, bar)
     except (Interrupted, KeyboardInterrupt):
-        complete = sum(_epochs_done(run.folder) >= run.config.epochs for run in runs)
+        complete = sum(epochs_done(run.folder) >= run.config.epochs for run in runs)
         raise Interrupted(
             f"sweep stopped: {complete} of {len(runs)} runs complete, the others keep their last "
             f"finished epoch; continue with: {again or 'the same sweep again'}"
@@ -178,7 +170,7 @@ def _train_in_subprocesses(
             time.sleep(POLL_SECONDS)
             for process, (run, counted) in list(running.items()):
                 exited = process.poll() is not None
-                epochs = _epochs_done(run.folder)
+                epochs = epochs_done(run.folder)
                 bar.update(epochs - counted)
                 running[process][1] = epochs
                 if exited:

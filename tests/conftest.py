@@ -17,8 +17,9 @@ from PIL import Image
 from eva_utils import runfolder
 from eva_utils.config import Config
 from eva_utils.data import ImageSet, load_cifar10
-from eva_utils.engine import Run, environment
+from eva_utils.devices import environment
 from eva_utils.runfolder import RunFolder
+from eva_utils.state import TrainingState
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -111,7 +112,7 @@ def one_thread():
 def fake_checkpoint(config: Config, out: Path, epochs: int = 1) -> Path:
     """A run folder ``out`` whose last.pt holds ``epochs`` epochs of ``config`` (untrained
     weights and made-up numbers: no training needed), saved after each; returns last.pt."""
-    run = Run(config, progress=False)
+    run = TrainingState(config, progress=False)
     for epoch in range(1, epochs + 1):
         run.history.append(
             dict(epoch=epoch, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1,

@@ -11,8 +11,9 @@ from torch import nn
 
 from eva_utils import Config, engine, fit, resnet18, summarize_history
 from eva_utils.data import synthetic_cifar10
-from eva_utils.engine import build_optimizer, build_scheduler, select_device
+from eva_utils.devices import select_device
 from eva_utils.loaders import DeviceLoader
+from eva_utils.state import build_optimizer, build_scheduler
 
 from .conftest import random_batch
 

@@ -14,10 +14,12 @@ from torch import nn
 
 from eva_utils.config import Config
 from eva_utils.data import synthetic_cifar10
-from eva_utils.engine import Run, autocast_dtype, train
 from eva_utils.engine import test as evaluate
-from eva_utils.loaders import DeviceLoader, torchvision_loader
+from eva_utils.engine import train
+from eva_utils.loaders import DeviceLoader, Limited, torchvision_loader
 from eva_utils.model import resnet18
+from eva_utils.precision import choose_precision
+from eva_utils.state import TrainingState
 
 PLAIN = dict(
     precision="fp32", channels_last=False, loader="torchvision", compile=False, num_workers=0
@@ -39,11 +41,11 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 
 def test_fp32_means_fp32_everywhere():
     for device in ("cpu", "cuda", "mps"):
-        assert autocast_dtype(torch.device(device), precision="fp32") is None
-    run = Run(Config(**PLAIN, **TINY), progress=False)
-    assert run.amp_dtype is None
-    assert not run.scaler.is_enabled()
-    assert run.compiled is run.model  # not compiled
+        assert choose_precision(torch.device(device), "fp32").dtype is None
+    run = TrainingState(Config(**PLAIN, **TINY), progress=False)
+    assert run.precision.dtype is None
+    assert not run.step.scaler.is_enabled()
+    assert run.step.model is run.model  # not compiled
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
 
 
@@ -54,17 +56,20 @@ def test_cpu_bf16_needs_bf16_instructions_not_just_avx512(monkeypatch, native, e
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert autocast_dtype(torch.device("cpu")) == expected
+    assert choose_precision(torch.device("cpu")).dtype == expected
 
 
 def test_library_train_on_the_plain_path_equals_a_hand_written_loop():
-    """A whole epoch through Config -> Run -> train() against the loop every course writes, on the
-    same batches (the session8 model: GBN, dropout; crop, flip and rotate in the DataLoader)."""
+    """A whole epoch through Config -> TrainingState -> train() against the loop every course
+    writes, on the same batches (the session8 model: GBN, dropout; crop, flip and rotate in the
+    DataLoader)."""
     config = Config(**PLAIN, **TINY)
-    library = Run(config, progress=False)
+    library = TrainingState(config, progress=False)
     result = library.train_epoch(1)
 
-    reference = Run(config, progress=False)  # seeds everything again: the same weights and draws
+    reference = TrainingState(
+        config, progress=False
+    )  # seeds everything again: the same weights and draws
     model, optimizer = reference.model, reference.optimizer
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -88,8 +93,8 @@ def test_channels_last_gives_the_same_fp32_epoch():
     # No dropout: its mask is drawn in memory order, so channels_last draws other (equally
     # random) masks and the two runs would differ by more than rounding.
     config = Config(**{**PLAIN, "loader": "device"}, **TINY, dropout=0.0)
-    nchw = Run(config, progress=False)
-    nhwc = Run(config.replace(channels_last=True), progress=False)
+    nchw = TrainingState(config, progress=False)
+    nhwc = TrainingState(config.replace(channels_last=True), progress=False)
     assert next(nhwc.model.parameters()).is_contiguous(memory_format=torch.channels_last)
     plain, fast = nchw.train_epoch(1), nhwc.train_epoch(1)
     assert fast["acc"] == plain["acc"]
@@ -108,7 +113,7 @@ def test_channels_last_gives_the_same_fp32_epoch():
 def _nudged_epoch(config: Config, seed: int) -> tuple[float, torch.Tensor]:
     """(training loss, weights after) of one epoch that starts from every weight moved by about
     one float32 ulp."""
-    run = Run(config, progress=False)
+    run = TrainingState(config, progress=False)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in run.model.parameters():
@@ -140,21 +145,21 @@ def test_max_batches_fetches_no_batch_it_does_not_train_on():
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    result = train(model, CountingLoader(), optimizer, max_batches=3, progress=False)
+    result = train(model, Limited(CountingLoader(), 3), optimizer, progress=False)
     assert result["images"] == 12
     assert fetched == [0, 1, 2]
 
 
 @pytest.mark.skipif(
-    autocast_dtype(torch.device("cpu")) is None, reason="this CPU has no native bf16"
+    choose_precision(torch.device("cpu")).dtype is None, reason="this CPU has no native bf16"
 )
 def test_bf16_changes_only_the_precision():
     """With bf16 the epoch differs slightly from fp32 (it really is mixed precision), but not by
     much (it is the same computation)."""
     config = Config(**{**PLAIN, "loader": "device"}, **TINY)
-    fp32 = Run(config, progress=False)
-    bf16 = Run(config.replace(precision="auto"), progress=False)
-    assert bf16.amp_dtype == torch.bfloat16
+    fp32 = TrainingState(config, progress=False)
+    bf16 = TrainingState(config.replace(precision="auto"), progress=False)
+    assert bf16.precision.dtype == torch.bfloat16
     plain, mixed = fp32.train_epoch(1), bf16.train_epoch(1)
     assert mixed["loss"] != plain["loss"]
     torch.testing.assert_close(mixed["loss"], plain["loss"], rtol=0.05, atol=0)

@@ -15,9 +15,9 @@ import pytest
 
 from eva_utils import runfolder
 from eva_utils.config import Config
-from eva_utils.engine import fit
 from eva_utils.errors import RunFileError
 from eva_utils.runfolder import LOCK, RunFolder
+from eva_utils.training import fit
 
 from .conftest import cli_env, fake_checkpoint, run_cli
 

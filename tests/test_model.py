@@ -14,7 +14,7 @@ from torch import nn
 
 from eva_utils import GhostBatchNorm2d, count_parameters, resnet18, resnet34, summary
 from eva_utils.config import get_preset
-from eva_utils.engine import build_model
+from eva_utils.model import build_model
 
 ASSIGNMENT_TABLE = (Path(__file__).parent / "data" / "assignment_summary.txt").read_text()
 
@@ -88,5 +88,5 @@ def test_zero_dropout_adds_no_module():
 
 
 def test_unknown_norm_is_rejected():
-    with pytest.raises(ValueError, match="unknown norm"):
+    with pytest.raises(ValueError, match="norm must be bn or gbn"):
         resnet18(norm="layer")

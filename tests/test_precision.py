@@ -18,7 +18,9 @@ from eva_utils import notebook
 from eva_utils.config import Config
 from eva_utils.engine import train
 from eva_utils.errors import TrainingDiverged
-from eva_utils.precision import choose_precision, platform_table
+from eva_utils.precision import Precision, choose_precision
+from eva_utils.step import Step
+from tools.readme import platform_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, None
@@ -144,9 +146,11 @@ def linear_model_and_batches(count: int = 3):
     ]
 
 
-def fp16_epoch(model: nn.Module, batches, scaler: torch.amp.GradScaler) -> dict[str, float]:
+def fp16_epoch(model: nn.Module, batches) -> tuple[dict[str, float], torch.amp.GradScaler]:
+    """One epoch in fp16 with a gradient scaler; returns its result and the step's scaler."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return train(model, batches, optimizer, scaler=scaler, amp_dtype=torch.float16, progress=False)
+    step = Step(model, precision=Precision(torch.float16, scaler=True, channels_last=False))
+    return train(model, batches, optimizer, step, progress=False), step.scaler
 
 
 def test_fp16_step_whose_gradients_overflow_is_skipped_and_training_goes_on():
@@ -156,13 +160,12 @@ def test_fp16_step_whose_gradients_overflow_is_skipped_and_training_goes_on():
     model, batches = linear_model_and_batches()
     steps = iter(range(3))
     model[1].weight.register_hook(lambda grad: grad * math.inf if next(steps) == 1 else grad)
-    scaler = torch.amp.GradScaler("cpu")
-    result = fp16_epoch(model, batches, scaler)
+    result, scaler = fp16_epoch(model, batches)
     assert result["images"] == 24 and math.isfinite(result["loss"])
     assert scaler.get_scale() == 65536.0 * scaler.get_backoff_factor()
 
     reference, _ = linear_model_and_batches()
-    fp16_epoch(reference, [batches[0], batches[2]], torch.amp.GradScaler("cpu"))
+    fp16_epoch(reference, [batches[0], batches[2]])
     torch.testing.assert_close(model.state_dict(), reference.state_dict())
 
 
@@ -172,7 +175,7 @@ def test_fp16_nan_loss_still_stops_with_the_one_line_divergence_error():
     with pytest.raises(
         TrainingDiverged, match=r"^the loss became NaN or infinite in train, step 2$"
     ):
-        fp16_epoch(model, batches, torch.amp.GradScaler("cpu"))
+        fp16_epoch(model, batches)
 
 
 def test_fp16_autocast_really_computes_in_fp16_on_the_cpu():

@@ -16,8 +16,8 @@ import torch
 from eva_utils import notebook, pretrained, runfolder
 from eva_utils.config import get_preset
 from eva_utils.data import CIFAR10_CLASSES
-from eva_utils.engine import build_model
 from eva_utils.errors import CheckpointError
+from eva_utils.model import build_model
 
 from .conftest import ROOT
 

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eva_utils.config import RECIPE_FIELDS, get_preset, hyperparameter_table
-from eva_utils.results import ABLATION, ablation_section
+from eva_utils.config import HYPERPARAMETERS, get_preset, hyperparameter_table
+from tools.readme import ABLATION, ablation_section
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
 def test_readme_hyperparameter_table_is_the_session8_preset():
-    assert hyperparameter_table(get_preset("session8"), RECIPE_FIELDS) in README
+    assert hyperparameter_table(get_preset("session8"), HYPERPARAMETERS) in README
 
 
 def test_readme_fast_table_is_the_fast_preset():
-    assert hyperparameter_table(get_preset("fast"), RECIPE_FIELDS) in README
+    assert hyperparameter_table(get_preset("fast"), HYPERPARAMETERS) in README
 
 
 def test_session8_preset_is_the_assignment_recipe():

@@ -10,6 +10,8 @@ from eva_utils.data import balanced_subset
 from eva_utils.engine import test as evaluate  # not test: pytest would collect it
 from eva_utils.engine import train as train_epoch
 from eva_utils.loaders import DeviceLoader
+from eva_utils.precision import Precision
+from eva_utils.step import Step
 
 # Measured on an AMD EPYC (AVX2, no bf16 or fp16 instructions), one thread: the small CNN below,
 # 1,000 training / 500 test images, 3 epochs, seeds 0-3. fp32's seed-to-seed range: test
@@ -63,12 +65,11 @@ def train_small_cnn(data, dtype: torch.dtype | None, seed: int = 0) -> dict[str,
         augment=("flip",),
         generator=torch.Generator().manual_seed(seed),
     )
-    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    precision = Precision(dtype, scaler=dtype == torch.float16, channels_last=False)
+    step = Step(model, precision=precision)
     for _ in range(3):
-        trained = train_epoch(
-            model, loader, optimizer, scaler=scaler, amp_dtype=dtype, progress=False
-        )
-    tested = evaluate(model, DeviceLoader(test_set, 500), amp_dtype=dtype, progress=False)
+        trained = train_epoch(model, loader, optimizer, step, progress=False)
+    tested = evaluate(model, DeviceLoader(test_set, 500), step, progress=False)
     return {"loss": trained["loss"], "acc": tested["acc"]}
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from eva_utils import files, get_preset, runfolder
-from eva_utils.engine import fit
 from eva_utils.errors import Interrupted
+from eva_utils.training import fit
 
 from .conftest import cli_env, fake_checkpoint
 
@@ -173,7 +173,7 @@ def test_a_new_run_removes_temporaries_of_a_killed_first_epoch(tmp_path):
     (run / ".last.pt.k1ll3d.tmp").write_bytes(b"partial")
     (run / ".metrics.json.k1ll3d.tmp").write_bytes(b"{")
     (run / "notes.txt").write_text("mine")  # not ours: kept
-    runfolder.RunFolder(run).start()
+    runfolder.RunFolder.open(run).close()  # a new run opens the folder
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
@@ -218,13 +218,13 @@ def test_run_files_get_the_usual_permissions_not_private_ones(tmp_path):
 
 def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
     """Loading a real data set takes seconds; Ctrl-C there has nothing to resume."""
-    from eva_utils import engine
+    from eva_utils import state
     from eva_utils.cli import main
 
     def interrupted_load(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "load_datasets", interrupted_load)
+    monkeypatch.setattr(state, "load_datasets", interrupted_load)
     code = main(["train", "--data", "synthetic", "--quiet", "--out", str(tmp_path / "run")])
     assert code == 130
     assert (

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from eva_utils.cli import build_parser, config_from_args
-from eva_utils.config import RECIPE_FIELDS, TARGET_ACCURACY
+from eva_utils.config import HYPERPARAMETERS, TARGET_ACCURACY
 from eva_utils.errors import RunFileError
-from eva_utils.results import (
-    analysis_caption,
-    comparison_table,
-    history_caption,
-    provenance_list,
-    read_recorded_run,
-    recorded_runs,
-    results_table,
-)
+from eva_utils.results import comparison_table, read_recorded_run, recorded_runs
+from tools.readme import analysis_caption, history_caption, provenance_list, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -71,7 +64,7 @@ def test_the_recorded_command_reproduces_the_recorded_config(name):
     assert argv[:3] == ["python", "-m", "eva_utils"]
     config = config_from_args(build_parser().parse_args(argv[3:]))
     recorded = run.config  # a config recorded with the amp switch reads as its precision
-    for field in (*RECIPE_FIELDS, "data", "train_size", "test_size"):
+    for field in (*HYPERPARAMETERS, "data", "train_size", "test_size"):
         expected = recorded[field]
         actual = getattr(config, field)
         assert (list(actual) if isinstance(actual, tuple) else actual) == expected, field

@@ -14,8 +14,8 @@ import torch
 
 from eva_utils import get_preset, runfolder
 from eva_utils.data import ImageSet, synthetic_cifar10
-from eva_utils.engine import fit
 from eva_utils.errors import CheckpointError, Interrupted
+from eva_utils.training import fit
 
 from .conftest import cli_env, fake_checkpoint, run_cli
 

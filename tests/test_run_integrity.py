@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from eva_utils import engine, files, get_preset, notebook, runfolder
+from eva_utils import files, get_preset, notebook, runfolder, state
 from eva_utils.cli import main
 from eva_utils.config import RESUMABLE_CHANGES, Config
-from eva_utils.engine import fit
 from eva_utils.errors import CheckpointError, Interrupted, RunFileError, TrainingDiverged
+from eva_utils.training import fit
 
 from .conftest import ROOT, cli_env, fake_checkpoint
 
@@ -209,7 +209,9 @@ def read_only(*args, **kwargs):
 def test_resume_into_a_read_only_folder_is_refused_before_training(tmp_path, monkeypatch):
     fake_checkpoint(BASE, tmp_path / "run")
     trained = []
-    monkeypatch.setattr(engine.Run, "train_epoch", lambda self, epoch: trained.append(epoch))
+    monkeypatch.setattr(
+        state.TrainingState, "train_epoch", lambda self, epoch: trained.append(epoch)
+    )
     monkeypatch.setattr(files.tempfile, "mkstemp", read_only)  # as on a read-only mount
     with pytest.raises(RunFileError, match=r"cannot write into .*run \(Read-only file system\)"):
         fit(BASE.replace(epochs=2), out=tmp_path / "run", resume=True, progress=False)
@@ -219,7 +221,7 @@ def test_resume_into_a_read_only_folder_is_refused_before_training(tmp_path, mon
 def test_a_new_run_in_a_read_only_place_is_one_line_before_loading_data(
     tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(engine, "load_datasets", lambda config: pytest.fail("loaded the data"))
+    monkeypatch.setattr(state, "load_datasets", lambda config: pytest.fail("loaded the data"))
     monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
     code, _, err = eva8(capsys, "train", "--data", "synthetic", "--out", tmp_path / "run")
     one_line_error(code, err, f"cannot write into {tmp_path}", "Read-only file system")

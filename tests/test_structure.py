@@ -5,9 +5,18 @@ must be done one way (the atomic rename) is done in one place."""
 from __future__ import annotations
 
 import ast
+import inspect
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from eva_utils import engine
+
 PACKAGE = Path(__file__).resolve().parents[1] / "eva_utils"
+MAX_LINES = 450  # a module longer than this does more than one job
+TRAINING_MODULES = ("engine", "step", "state", "training", "sweeps")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -62,7 +71,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_among_the_modules_type_checking_imports_included():
     graph = import_graph()
-    assert "runfolder" in graph["engine"]  # the graph is really read
+    assert "runfolder" in graph["training"]  # the graph is really read
     assert find_cycle(graph) is None
 
 
@@ -73,3 +82,27 @@ def test_one_module_does_the_atomic_rename():
         if "os.replace(" in path.read_text() or ".rename(" in path.read_text()
     ]
     assert renaming == ["files.py"]
+
+
+def test_every_module_is_short():
+    lengths = {path.name: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
+    assert lengths["engine.py"] > 50  # the files are really read
+    assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}
+
+
+@pytest.mark.parametrize("loop", [engine.train, engine.test])
+def test_the_epoch_loops_take_at_most_six_parameters(loop):
+    assert len(inspect.signature(loop).parameters) <= 6
+
+
+@pytest.mark.parametrize("module", ["results", "analysis"])
+def test_reading_results_imports_no_training_code(module):
+    """Reading two metrics.json files, or analysing a trained model, loads no training engine."""
+    code = (
+        f"import sys, eva_utils.{module}\n"
+        f"print(','.join(m for m in {TRAINING_MODULES!r} if f'eva_utils.{{m}}' in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.strip()
+    assert loaded == ""

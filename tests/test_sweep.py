@@ -14,15 +14,10 @@ import pytest
 from eva_utils import get_preset, sweeps
 from eva_utils.cli import build_parser, config_from_args, main
 from eva_utils.config import Config, field_flags
-from eva_utils.results import (
-    PROVENANCE,
-    SWEEP_JSON,
-    ablation_section,
-    recorded_runs,
-    summarize_sweep,
-)
+from eva_utils.results import PROVENANCE, SWEEP_JSON, recorded_runs, summarize_sweep
 from eva_utils.runfolder import LAST, METRICS, read_metrics, write_metrics
 from eva_utils.sweeps import SWEEP_PNG, plan, sweep
+from tools.readme import ablation_section
 
 from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
 from .test_bad_input import assert_one_line_error

@@ -1,0 +1,66 @@
+"""Which device trains, and how the hardware is described beside the numbers it produced."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torchvision
+
+from .errors import ConfigError
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``"auto"``: cuda, then mps, then cpu. Anything else must be available here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} cannot train here: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r} was asked for but CUDA is not available: use --device cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+            "cuda:0 to cuda:N-1"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device {name!r} was asked for but MPS is not available: use --device cpu"
+        )
+    return device
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Versions and hardware, recorded in metrics.json beside the numbers."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name() or platform.processor() or device.type
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": name,
+    }
+
+
+def _cpu_name() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return None

@@ -1,0 +1,189 @@
+"""A training run's state, built from a Config: the model, the step that computes it, the
+optimizer, the schedule and every random stream, saved and restored like any torch object
+through ``state_dict`` and ``load_state_dict``."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config, ghost_batch_problem, refuse
+from .data import ImageSet, load_datasets
+from .devices import select_device
+from .engine import test, train
+from .errors import CheckpointError
+from .loaders import build_loaders
+from .model import build_model
+from .precision import choose_precision
+from .runfolder import LAST, check_classes, load_weights
+from .step import Step, cross_entropy
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
+    """SGD; with ``decay_norm_bias=False`` norm weights and biases (1-d tensors) get no decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.decay_norm_bias:
+        groups = [{"params": params, "weight_decay": config.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """StepLR (stepped once per epoch) or OneCycleLR over the whole run (stepped per batch)."""
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.lr,
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        pct_start=config.warmup,
+        anneal_strategy="linear",
+        div_factor=10.0,
+        final_div_factor=100.0,
+        cycle_momentum=False,
+    )
+
+
+class TrainingState:
+    """Everything one training run needs and changes, built from a Config.
+
+    ``model`` is the network, ``step`` computes its batches (``step.model`` is what it calls:
+    the model, or its compiled version), and ``history`` holds one row per finished epoch. Like
+    every torch object it saves and restores itself through :meth:`state_dict` and
+    :meth:`load_state_dict`: model, optimizer, scheduler, gradient scaler, every random state and
+    the history, enough to continue exactly where it stopped.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        datasets: tuple[ImageSet, ImageSet] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        self.device = select_device(config.device)
+        seed_everything(config.seed)
+        self.train_set, self.test_set = datasets or load_datasets(config)
+        if config.norm == "gbn":
+            batch = min(config.batch_size, len(self.train_set))
+            refuse(ghost_batch_problem(config.num_splits, batch, f"the batch ({batch} images)"))
+        self.classes = self.train_set.classes
+        self.model = build_model(config, len(self.classes))
+        self.precision = choose_precision(self.device, config.precision, config.channels_last)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.train_loader, self.test_loader = build_loaders(
+            config, self.train_set, self.test_set, self.device, self.generator
+        )
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, len(self.train_loader))
+        self.step = Step(
+            self.model, device=self.device, precision=self.precision,
+            loss_fn=cross_entropy(config.label_smoothing), tta_flip=config.tta_flip,
+            compile=config.compile,
+            scheduler=self.scheduler if config.schedule == "onecycle" else None,
+        )  # fmt: skip
+        self.history: list[dict[str, Any]] = []
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Epoch ``epoch`` of training (:func:`~eva_utils.engine.train`); a StepLR schedule
+        steps after it (a onecycle schedule steps with every batch, in the step)."""
+        result = train(
+            self.model, self.train_loader, self.optimizer, self.step, self.progress,
+            desc=f"epoch {epoch} train",
+        )  # fmt: skip
+        if self.config.schedule == "step":
+            self.scheduler.step()
+        return result
+
+    def test_epoch(self, epoch: int | None = None) -> dict[str, float]:
+        """The test set's loss and accuracy now (:func:`~eva_utils.engine.test`)."""
+        desc = f"epoch {epoch} test" if epoch else "test"
+        return test(self.model, self.test_loader, self.step, self.progress, desc)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's whole state, as ``last.pt`` stores it."""
+        return {
+            "config": self.config.to_dict(),
+            "classes": list(self.classes),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.step.scaler.state_dict(),
+            "rng": rng_state(self.generator),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (:meth:`state_dict` of a run of the same recipe: the run
+        folder checks that). On the CPU the continued run repeats the uninterrupted one
+        exactly. Raises CheckpointError when this run cannot take the state."""
+        check_classes(
+            LAST, state["classes"], self.classes, "resume with the run's own data (--data)"
+        )
+        if self.config.schedule == "onecycle":
+            saved_steps = state["scheduler"].get("total_steps")
+            if saved_steps != self.scheduler.total_steps:
+                raise CheckpointError(
+                    f"the run follows a onecycle schedule of {saved_steps} steps "
+                    f"({state['config']['epochs']} epochs); these settings need "
+                    f"{self.scheduler.total_steps}: a onecycle run cannot be lengthened or "
+                    "re-batched, so keep --epochs, --batch-size, --train-size and --max-batches, "
+                    "or start a new run with --out"
+                )
+        load_weights(self.model, state, "the checkpoint")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"]:  # empty when saved without a gradient scaler (CPU, bf16)
+                self.step.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"], self.generator)
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise CheckpointError(
+                f"the run cannot be resumed with these settings ({error})"
+            ) from None
+        self.history = list(state["history"])
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Python's, NumPy's, torch's (CPU and CUDA) and ``generator``'s random states."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loader": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["loader"])
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 from .config import PRESETS, Config, get_preset, parse_field
-from .errors import ConfigError, EvaError, Interrupted
+from .errors import ConfigError, EvaError, Interrupted, command_line_words
 from .files import check_output_folder
 from .signals import sigterm_as_interrupt
 
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), command_line_words():
             args = build_parser().parse_args(argv)
             args.argv = sys.argv[1:] if argv is None else argv  # to say how to continue
             debug, command = args.debug, args.command

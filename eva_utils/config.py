@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, option
 
 TARGET_ACCURACY = 0.85  # the assignment's bar, drawn on every accuracy plot
 AUGMENTATIONS = ("crop", "flip", "rotate")
@@ -329,6 +329,10 @@ def divergence_advice(config: Config) -> str:
     if shrink >= 2 * (1 + config.momentum):
         return (
             f"lr x weight_decay = {shrink:g} is above {2 * (1 + config.momentum):g}, where weight "
-            "decay alone makes the weights grow at every step: lower --weight-decay (or --lr)"
+            f"decay alone makes the weights grow at every step: lower {option('weight_decay')} "
+            f"(or {option('lr')})"
         )
-    return "lower the learning rate (--lr), or the weight decay (--weight-decay) if you raised it"
+    return (
+        f"lower the learning rate ({option('lr')}), or the weight decay "
+        f"({option('weight_decay')}) if you raised it"
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .errors import ConfigError
+from .errors import ConfigError, option
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -29,7 +29,8 @@ def select_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"device {name!r} cannot train here: use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"device {name!r} was asked for but CUDA is not available: use --device cpu"
+            f"device {name!r} was asked for but CUDA is not available: use "
+            f"{option('device', 'cpu')}"
         )
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(
@@ -38,7 +39,7 @@ def select_device(name: str = "auto") -> torch.device:
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(
-            f"device {name!r} was asked for but MPS is not available: use --device cpu"
+            f"device {name!r} was asked for but MPS is not available: use {option('device', 'cpu')}"
         )
     return device
 

@@ -26,7 +26,7 @@ from .config import (
     recipe_name,
     upgrade_config_dict,
 )
-from .errors import ConfigError, RunFileError
+from .errors import ConfigError, RunFileError, spelled
 from .files import read_json
 from .plots import MAX_COMPARED, plot_comparison
 from .runfolder import METRICS, read_metrics
@@ -315,8 +315,10 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
     runs = [read_recorded_run(path.parent) for path in sorted(folder.glob(f"*/{METRICS}"))]
     if not runs:
         raise RunFileError(
-            f"{folder} holds no runs (*/{METRICS}): train them with python -m eva_utils sweep "
-            f"--out {folder} ..."
+            f"{folder} holds no runs (*/{METRICS}): train them with "
+            + spelled(
+                f"python -m eva_utils sweep --out {folder} ...", f"sweep(..., out={str(folder)!r})"
+            )
         )
     cells: dict[str, list[RecordedRun]] = {}
     for run in runs:  # a cell's name: the recipe's folder name with the seed left out

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .config import RECIPE_FIELDS, Config
-from .errors import CheckpointError, RunFileError
+from .errors import CheckpointError, RunFileError, option, resume_command, spelled
 from .files import (
     atomic_write,
     atomic_write_json,
@@ -163,14 +163,15 @@ def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
     """Refuse to resume the run in ``out``, started with ``saved``, with a ``config`` that
     differs in a field of its recipe (:data:`~eva_utils.config.RECIPE_FIELDS`)."""
     changed = ", ".join(
-        f"--{name.replace('_', '-')} {_flag_value(old)} -> {_flag_value(new)}"
+        f"{option(name)} {_flag_value(old)} -> {_flag_value(new)}"
         for (name, old), (_, new) in zip(saved.items(), config.items())
         if name in RECIPE_FIELDS and old != new
     )
     if changed:
         raise CheckpointError(
             f"cannot resume {out} with another recipe ({changed}): a run keeps the recipe it "
-            "started with; drop those flags, or start a new run with --out"
+            f"started with; drop those {spelled('flags', 'changes')}, or start a new run with "
+            f"{option('out')}"
         )
 
 
@@ -219,17 +220,18 @@ class RunFolder:
         path = Path(path)
         if resume and not holds_run(path):
             raise CheckpointError(
-                f"{path} has no checkpoint ({LAST}) to resume: start a new run with --out"
+                f"{path} has no checkpoint ({LAST}) to resume: start a new run with {option('out')}"
             )
-        check_output_folder(path, "--resume" if resume else "--out")
+        check_output_folder(path, option("resume" if resume else "out"))
         folder = cls(path, _created=not path.exists())
         path.mkdir(parents=True, exist_ok=True)
         folder._lock = _acquire_lock(path)
         try:
             if not resume and holds_run(path):
                 raise CheckpointError(
-                    f"{path} already holds a run: continue it with --resume {path}, or choose "
-                    "another --out"
+                    f"{path} already holds a run: continue it with "
+                    f"{spelled(f'--resume {path}', 'resume=True')}, or choose another "
+                    f"{option('out')}"
                 )
             if resume:
                 folder.state = load_checkpoint(path / LAST)
@@ -300,8 +302,7 @@ class RunFolder:
             raise CheckpointError(
                 f"could not save epoch {history[-1]['epoch']} into {self.path} "
                 f"({error.strerror or error}); the files of the epochs before are kept: free "
-                f"space or make the folder writable, then python -m eva_utils train --resume "
-                f"{self.path}"
+                f"space or make the folder writable, then {resume_command(self.path)}"
             ) from None
 
 
@@ -329,7 +330,7 @@ def _acquire_lock(folder: Path) -> int | None:
             os.close(fd)
             raise RunFileError(
                 f"{folder} is being trained by {holder}: wait until it has finished (or stop "
-                "it), or choose another --out"
+                f"it), or choose another {option('out')}"
             ) from None
         # Its last holder may have unlinked the file between our open and our lock: then we
         # hold a file nobody else will see, and must lock the one at the path instead.

@@ -15,7 +15,7 @@ from .config import Config, ghost_batch_problem, refuse
 from .data import ImageSet, load_datasets
 from .devices import select_device
 from .engine import test, train
-from .errors import CheckpointError
+from .errors import CheckpointError, option
 from .loaders import build_loaders
 from .model import build_model
 from .precision import choose_precision
@@ -137,7 +137,10 @@ class TrainingState:
         folder checks that). On the CPU the continued run repeats the uninterrupted one
         exactly. Raises CheckpointError when this run cannot take the state."""
         check_classes(
-            LAST, state["classes"], self.classes, "resume with the run's own data (--data)"
+            LAST,
+            state["classes"],
+            self.classes,
+            f"resume with the run's own data ({option('data')})",
         )
         if self.config.schedule == "onecycle":
             saved_steps = state["scheduler"].get("total_steps")
@@ -146,8 +149,9 @@ class TrainingState:
                     f"the run follows a onecycle schedule of {saved_steps} steps "
                     f"({state['config']['epochs']} epochs); these settings need "
                     f"{self.scheduler.total_steps}: a onecycle run cannot be lengthened or "
-                    "re-batched, so keep --epochs, --batch-size, --train-size and --max-batches, "
-                    "or start a new run with --out"
+                    "re-batched, so keep "
+                    + ", ".join(option(name) for name in ("epochs", "batch_size", "train_size"))
+                    + f" and {option('max_batches')}, or start a new run with {option('out')}"
                 )
         load_weights(self.model, state, "the checkpoint")
         try:

@@ -14,7 +14,7 @@ from typing import Any
 from .config import Config, divergence_advice
 from .data import ImageSet
 from .devices import environment
-from .errors import ConfigError, Interrupted, TrainingDiverged
+from .errors import ConfigError, Interrupted, TrainingDiverged, resume_command
 from .progress import epoch_bar
 from .ranks import Ranks
 from .runfolder import LAST, RunFolder
@@ -138,7 +138,7 @@ def _interrupted(folder: RunFolder | None, epoch: int) -> Interrupted:
         return Interrupted("stopped in epoch 1; no epoch had finished, nothing to resume")
     return Interrupted(
         f"stopped in epoch {saved + 1}; {folder.path / LAST} holds epochs 1-{saved}: "
-        f"resume with: python -m eva_utils train --resume {folder.path}"
+        f"resume with: {resume_command(folder.path)}"
     )
 
 

@@ -300,6 +300,16 @@ def get_preset(name: str) -> Config:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
+def preset_name(config: Config) -> str | None:
+    """The preset whose recipe ``config`` trains (any length, any seed), or None."""
+    compared = [name for name in HYPERPARAMETERS if name not in ("epochs", "seed")]
+    return next(
+        (name for name, preset in PRESETS.items()
+         if all(getattr(config, f) == getattr(preset, f) for f in compared)),
+        None,
+    )  # fmt: skip
+
+
 def hyperparameter_table(config: Config, fields: tuple[str, ...] | None = None) -> str:
     """A Markdown table of the config's hyperparameters (every field unless ``fields`` is given)."""
     chosen = [f for f in dataclasses.fields(config) if fields is None or f.name in fields]

@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 from .errors import ConfigError, option
+from .precision import Precision
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -42,6 +43,17 @@ def select_device(name: str = "auto") -> torch.device:
             f"device {name!r} was asked for but MPS is not available: use {option('device', 'cpu')}"
         )
     return device
+
+
+def describe(device: torch.device, precision: Precision) -> str:
+    """The device, its hardware and what it computes in: "CPU (AMD EPYC 7B13 (2 cores)); training
+    in fp32, channels_last" or "CUDA (Tesla T4, compute capability 7.5); training in fp16 with a
+    gradient scaler, channels_last"."""
+    hardware = environment(device)["device_name"]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        hardware += f", compute capability {major}.{minor}"
+    return f"{device.type.upper()} ({hardware}); training in {precision.describe()}"
 
 
 def environment(device: torch.device) -> dict[str, str]:

@@ -25,7 +25,7 @@ from torch import Tensor
 from . import analysis, pretrained
 from .config import Config, get_preset, parse_field, recipe_name
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, load_datasets
-from .devices import environment, select_device
+from .devices import describe, select_device
 from .errors import ConfigError, DataError, EvaError
 from .files import make_scratch_folder, remove_dead_scratch
 from .loaders import DeviceLoader
@@ -62,12 +62,7 @@ def device_report(name: str = "auto", precision: str = "auto", channels_last: bo
     """'Device: ...' with the GPU (and its compute capability) or CPU name and the precision
     training will use, and advice when Colab runs without a GPU."""
     device = select_device(name)
-    hardware = environment(device)["device_name"]
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        hardware += f", compute capability {major}.{minor}"
-    chosen = choose_precision(device, precision, channels_last)
-    report = f"Device: {device.type.upper()} ({hardware}); training in {chosen.describe()}"
+    report = f"Device: {describe(device, choose_precision(device, precision, channels_last))}"
     if in_colab() and device.type != "cuda":
         report += "\n" + COLAB_GPU_ADVICE
     return report

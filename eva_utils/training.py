@@ -11,17 +11,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import Config, divergence_advice
+from .config import Config, divergence_advice, preset_name
 from .data import ImageSet
-from .devices import environment
-from .errors import ConfigError, Interrupted, TrainingDiverged, resume_command
-from .progress import epoch_bar
+from .devices import describe, environment
+from .errors import ConfigError, Interrupted, TrainingDiverged, resume_command, spelled
+from .progress import epoch_bar, note
 from .ranks import Ranks
+from .results import describe_data
 from .runfolder import LAST, RunFolder
 from .signals import sigterm_as_interrupt
 from .state import TrainingState
 
 Row = dict[str, Any]
+# The estimate of a long run: the steps timed (after one untimed warm-up step) and the length of
+# a run worth warning about. ``clock`` is what times them (tests give it a fake one).
+ESTIMATE_AFTER_STEPS = 5
+LONG_RUN_SECONDS = 3600
+clock = time.perf_counter
 
 
 def fit(
@@ -92,15 +98,92 @@ def _loop(
     """Train the epochs the run still lacks, saving each one."""
     progress = progress and ranks.is_main
     epochs = range(len(state.history) + 1, state.config.epochs + 1)
+    note(start_line(state, folder), progress)
+    timed = state.train_loader
+    if epochs and progress:  # time the first steps: is this a run of many hours?
+        state.train_loader = _Estimate(timed, len(timed) * len(epochs), state, folder)
     bar = epoch_bar(epochs, total=state.config.epochs, progress=progress)
     for epoch in bar:
         row = _train_and_test(state, epoch, ranks)
+        state.train_loader = timed
         bar.set_postfix(test_acc=f"{row['test_acc']:.2%}", loss=f"{row['test_loss']:.3f}")
         if folder is not None and ranks.is_main:
             folder.save(state.state_dict(), environment(state.device))
         ranks.wait_for_everyone()
         if on_epoch is not None:
             on_epoch(row)
+
+
+def start_line(state: TrainingState, folder: RunFolder | None) -> str:
+    """What is about to be trained, where, on what and into which folder, in one line."""
+    config, done = state.config, len(state.history)
+    name = preset_name(config)
+    recipe = f"{name} preset" if name else "custom recipe"
+    source, _ = describe_data(config.to_dict())
+    resumed = f" (resumed after epoch {done})" if done else ""
+    epochs = "epoch" if config.epochs == 1 else "epochs"
+    where = folder.path if folder is not None else f"none ({spelled('--out', 'out=...')} keeps one)"
+    return (
+        f"{recipe}, {config.epochs} {epochs}{resumed}, on "
+        f"{describe(state.device, state.precision)}; "
+        f"data: {source}, {len(state.train_set):,} train and {len(state.test_set):,} test "
+        f"images; run folder: {where}"
+    )
+
+
+class _Estimate:
+    """``loader`` that times its first training steps and, if the whole run would take more
+    than :data:`LONG_RUN_SECONDS`, says once how long, and on a CPU how to take a short look
+    instead. Never a refusal: the user may want the long run."""
+
+    def __init__(self, loader, steps_left: int, state: TrainingState, folder: RunFolder | None):
+        self.loader, self.steps_left, self.state, self.folder = loader, steps_left, state, folder
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        started = None
+        for number, batch in enumerate(self.loader):
+            if number == 1:  # step 0 warms up: allocations, kernel choices
+                started = clock()
+            elif started is not None and number == 1 + ESTIMATE_AFTER_STEPS:
+                self._say((clock() - started) / ESTIMATE_AFTER_STEPS)
+                started = None
+            yield batch
+
+    def _say(self, per_step: float) -> None:
+        total = per_step * self.steps_left
+        if total <= LONG_RUN_SECONDS:
+            return
+        device = self.state.device.type.upper()
+        line = (
+            f"estimated {_duration(total)} of training for this run ({per_step:.2f} s per step "
+            f"on this {device}, {self.steps_left:,} steps to go)"
+        )
+        if self.state.device.type == "cpu":
+            line += f"; full runs are meant for a GPU: for a short look, {_short_look(self.state)}"
+        note(line, True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def _short_look(state: TrainingState) -> str:
+    """The command (or call) that trains a few epochs of the same recipe on a subset."""
+    config, name = state.config, preset_name(state.config)
+    look = {"epochs": 3, "train_size": min(5000, len(state.train_set)),
+            "test_size": min(1000, len(state.test_set))}  # fmt: skip
+    flags = [f"--preset {name}"] if name else []
+    flags += [f"--{key.replace('_', '-')} {value}" for key, value in look.items()]
+    if config.data:
+        flags.append(f"--data {config.data}")
+    changes = ", ".join(f"{key}={value}" for key, value in look.items())
+    return spelled(
+        f"python -m eva_utils train --out runs/short-look {' '.join(flags)}",
+        f"fit(config.replace({changes}), out='runs/short-look')",
+    )
 
 
 def _train_and_test(state: TrainingState, epoch: int, ranks: Ranks) -> Row:

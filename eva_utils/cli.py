@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 import typing
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs trained at a time, each in its own process (default 1: in this process)",
     )  # fmt: skip
     sweep.add_argument(
+        "--shard", default=None, metavar="I/N",
+        help="train only part I of N of the plan (e.g. one task of a cluster's job array, all "
+        "into the same --out); --summarize DIR then summarises every part",
+    )  # fmt: skip
+    sweep.add_argument(
         "--summarize", type=Path, metavar="DIR",
         help="train nothing: write DIR/sweep.json and DIR/sweep.png from the runs there",
     )  # fmt: skip
@@ -193,8 +199,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .plots import save_history_figures
     from .results import summarize_history, target_reached
-    from .runfolder import BEST, LAST, METRICS, RunFolder
-    from .training import fit
+    from .runfolder import BEST, LAST, METRICS
+    from .training import fit, open_run_folder, start_ranks
 
     if args.resume is not None:
         out = args.resume
@@ -205,11 +211,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--preset cannot change a resumed run: {out} continues with the settings in its "
                 "checkpoint (flags such as --epochs still apply)"
             )
-        with RunFolder.open(out, resume=True) as folder:
+        ranks = start_ranks(args.device or _recorded_device(out))
+        with open_run_folder(ranks, out, resume=True) as folder:
             changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
             config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
             done = folder.epochs_done
             if done >= config.epochs:
+                if not ranks.is_main:
+                    return
                 print(
                     f"{out} is already complete: it holds epochs 1-{done} and --epochs is "
                     f"{config.epochs}, so there is nothing to train (give --epochs above {done} "
@@ -221,9 +230,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise EvaError("train needs --out runs/NAME (or --resume runs/NAME)")
     else:
         out, config = args.out, config_from_args(args)
+        ranks = start_ranks(config.device, config.batch_size)
         # Before loading any data: refusing takes a second, not a data set's loading time.
-        with RunFolder.open(out) as folder:
+        with open_run_folder(ranks, out, resume=False) as folder:
             history = fit(config, out=folder, progress=not args.quiet)
+    if not ranks.is_main:  # the main process reports the run
+        return
     figures = save_history_figures(history, out)
     s = summarize_history(history)
     print(
@@ -235,6 +247,15 @@ def cmd_train(args: argparse.Namespace) -> None:
           + ", ".join(str(p) for p in figures))  # fmt: skip
 
 
+def _recorded_device(folder: Path) -> str:
+    """The device a run folder's metrics.json records (auto if it has none)."""
+    from .runfolder import METRICS, read_metrics
+
+    if not (folder / METRICS).is_file():
+        return "auto"
+    return read_metrics(folder / METRICS).get("config", {}).get("device", "auto")
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .results import SWEEP_JSON, sweep_table
     from .sweeps import (
@@ -242,14 +263,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         failure,
         parse_grid,
         parse_seeds,
+        parse_shard,
         plan,
+        shard,
         train_planned,
         write_summary,
     )
 
     if args.summarize is not None:
-        if args.out is not None or args.grid:
-            raise ConfigError("--summarize DIR trains nothing: give it without --out and --grid")
+        if args.out is not None or args.grid or args.shard is not None:
+            raise ConfigError(
+                "--summarize DIR trains nothing: give it without --out, --grid and --shard"
+            )
         out = args.summarize
         failed, total = [], 0
     else:
@@ -266,10 +291,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         out = args.out
         check_output_folder(out)
         runs = plan(base, grid, seeds, out)
+        part = ""
+        if args.shard is not None:
+            index, parts = parse_shard(args.shard)
+            part = f" (part {index} of {parts} of a plan of {len(runs)})"
+            runs = shard(runs, index, parts)
         complete = sum(run.complete for run in runs)
         resumed = sum(0 < run.epochs_done < run.config.epochs for run in runs)
         print(
-            f"{len(runs)} runs in {out}: {complete} complete, {resumed} to resume, "
+            f"{len(runs)} runs in {out}{part}: {complete} complete, {resumed} to resume, "
             f"{len(runs) - complete - resumed} to start"
         )
         again = "python -m eva_utils " + shlex.join(args.argv)
@@ -398,9 +428,13 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             args.argv = sys.argv[1:] if argv is None else argv  # to say how to continue
             debug, command = args.debug, args.command
-            COMMANDS[command](args)
+            try:
+                COMMANDS[command](args)
+            finally:
+                _leave_process_group()
     except Interrupted as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        if _rank() == 0:  # the main process says what the run folder holds
+            print(f"{PROG}: {error}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # training turns it into Interrupted: this came before or without
         if debug:
@@ -413,6 +447,24 @@ def main(argv: list[str] | None = None) -> int:
     except EvaError as error:
         if debug:
             raise
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        rank = _rank()
+        if rank == 0:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+        elif not isinstance(error, ConfigError) and not getattr(error, "reported", False):
+            # a refusal every rank makes alike, or one the main process printed, is said once
+            print(f"{PROG} (rank {rank}): error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _leave_process_group() -> None:
+    """End this process's part in a torchrun process group, if it joined one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    text = os.environ.get("RANK", "0")
+    return int(text) if text.isdigit() else 0

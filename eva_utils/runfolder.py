@@ -241,6 +241,16 @@ class RunFolder:
             raise
         return folder
 
+    @classmethod
+    def peek(cls, path: str | Path, *, resume: bool = False) -> RunFolder:
+        """The folder as a process that does not train in it sees it (the other ranks of a run
+        that the main process opened): its ``last.pt`` read to resume, nothing locked,
+        created or written."""
+        folder = cls(Path(path))
+        if resume:
+            folder.state = load_checkpoint(folder.path / LAST)
+        return folder
+
     def close(self) -> None:
         """Let another process train here; a folder this one made and left empty goes too."""
         if self._lock is not None:

@@ -15,10 +15,11 @@ from .config import Config, ghost_batch_problem, refuse
 from .data import ImageSet, load_datasets
 from .devices import select_device
 from .engine import test, train
-from .errors import CheckpointError, option
+from .errors import CheckpointError, option, spelled
 from .loaders import build_loaders
 from .model import build_model
 from .precision import choose_precision
+from .ranks import Ranks
 from .runfolder import LAST, check_classes, load_weights
 from .step import Step, cross_entropy
 
@@ -77,14 +78,17 @@ class TrainingState:
         config: Config,
         datasets: tuple[ImageSet, ImageSet] | None = None,
         progress: bool = True,
+        ranks: Ranks | None = None,
     ) -> None:
         self.config = config
         self.progress = progress
-        self.device = select_device(config.device)
+        self.ranks = ranks = ranks or Ranks()
+        self.device = ranks.local_device(select_device(config.device))
         seed_everything(config.seed)
         self.train_set, self.test_set = datasets or load_datasets(config)
+        refuse(ranks.batch_problem(config.batch_size, len(self.train_set)))
         if config.norm == "gbn":
-            batch = min(config.batch_size, len(self.train_set))
+            batch = min(config.batch_size, len(self.train_set)) // ranks.world_size
             refuse(ghost_batch_problem(config.num_splits, batch, f"the batch ({batch} images)"))
         self.classes = self.train_set.classes
         self.model = build_model(config, len(self.classes))
@@ -99,7 +103,7 @@ class TrainingState:
             self.model, device=self.device, precision=self.precision,
             loss_fn=cross_entropy(config.label_smoothing), tta_flip=config.tta_flip,
             compile=config.compile,
-            scheduler=self.scheduler if config.schedule == "onecycle" else None,
+            scheduler=self.scheduler if config.schedule == "onecycle" else None, ranks=ranks,
         )  # fmt: skip
         self.history: list[dict[str, Any]] = []
 
@@ -130,6 +134,7 @@ class TrainingState:
             "scaler": self.step.scaler.state_dict(),
             "rng": rng_state(self.generator),
             "history": list(self.history),
+            **({"world_size": self.ranks.world_size} if self.ranks.distributed else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -142,6 +147,9 @@ class TrainingState:
             self.classes,
             f"resume with the run's own data ({option('data')})",
         )
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.ranks.world_size:
+            raise CheckpointError(_world_changed(saved_world, self.ranks.world_size, self.config))
         if self.config.schedule == "onecycle":
             saved_steps = state["scheduler"].get("total_steps")
             if saved_steps != self.scheduler.total_steps:
@@ -165,6 +173,19 @@ class TrainingState:
                 f"the run cannot be resumed with these settings ({error})"
             ) from None
         self.history = list(state["history"])
+
+
+def _world_changed(saved: int, now: int, config: Config) -> str:
+    """Why a run trained on ``saved`` processes cannot go on with ``now``: each BatchNorm
+    normalises one process's slice of the batch, so the recipe would change mid-run."""
+    splits = config.num_splits if config.norm == "gbn" else 1
+    per_norm = [config.batch_size // world // splits for world in (saved, now)]
+    processes = spelled("--nproc-per-node", "processes")
+    return (
+        f"the run was trained on {saved} process(es), this is {now}: each BatchNorm would "
+        f"normalise {per_norm[1]} images instead of {per_norm[0]}, another recipe; resume it "
+        f"with {saved} {processes} (torchrun), or start a new run with {option('out')}"
+    )
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

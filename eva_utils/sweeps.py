@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .config import GRID_FIELDS, Config, field_flags, parse_field, recipe_name
 from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged
@@ -119,6 +122,34 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
     return runs
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/4"`` as (2, 4): the second of four parts of a sweep's plan."""
+    index, slash, parts = text.partition("/")
+    if slash and index.strip().isdigit() and parts.strip().isdigit():
+        index, parts = int(index), int(parts)
+        if 1 <= index <= parts:
+            return index, parts
+    raise ConfigError(
+        f"--shard {text}: give I/N with 1 <= I <= N, e.g. --shard 1/4 for the first of four parts "
+        "(a job array's task: --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT)"
+    )
+
+
+def shard(runs: Sequence[PlannedRun], index: int, parts: int) -> list[PlannedRun]:
+    """Part ``index`` of ``parts`` of a plan: every ``parts``-th run from the ``index``-th, so
+    that the parts together are the plan, each run in one part (the plan's order is the same
+    on every machine: the grid's values and seeds in the order given)."""
+    return list(runs[index - 1 :: parts])
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (or their indices)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
 def train_planned(
     runs: Sequence[PlannedRun], *, parallel: int = 1, progress: bool = True, again: str = ""
 ) -> list[tuple[PlannedRun, str]]:
@@ -162,11 +193,16 @@ def _train_in_subprocesses(
     todo: Sequence[PlannedRun], parallel: int, bar: Any
 ) -> list[tuple[PlannedRun, str]]:
     waiting, running, failed = list(todo), {}, []
+    gpus, placed = visible_gpus(), {}  # process -> the GPU it sees
     try:
         while waiting or running:
             while waiting and len(running) < parallel:
                 run = waiting.pop(0)
-                running[_start(run)] = [run, run.epochs_done]
+                gpu = None
+                if gpus and run.config.device in ("auto", "cuda"):  # the least busy GPU
+                    gpu = min(gpus, key=lambda g: list(placed.values()).count(g))
+                process = _start(run, gpu)
+                running[process], placed[process] = [run, run.epochs_done], gpu
             time.sleep(POLL_SECONDS)
             for process, (run, counted) in list(running.items()):
                 exited = process.poll() is not None
@@ -174,7 +210,7 @@ def _train_in_subprocesses(
                 bar.update(epochs - counted)
                 running[process][1] = epochs
                 if exited:
-                    del running[process]
+                    del running[process], placed[process]
                     if process.returncode != 0:
                         failed.append((run, _last_line(_log(run))))
             bar.set_postfix_str(f"{len(running)} running")
@@ -194,16 +230,18 @@ def _log(run: PlannedRun) -> Path:
     return run.folder.parent / LOGS / f"{run.folder.name}.log"
 
 
-def _start(run: PlannedRun) -> subprocess.Popen:
+def _start(run: PlannedRun, gpu: str | None = None) -> subprocess.Popen:
     """``python -m eva_utils train`` for ``run`` (resuming what its folder holds), its output
-    appended to its log. A session of its own: Ctrl-C reaches the sweep, which stops it."""
+    appended to its log, seeing only ``gpu`` if one is given. A session of its own: Ctrl-C
+    reaches the sweep, which stops it."""
     where = ["--resume", str(run.folder)] if holds_run(run.folder) else ["--out", str(run.folder)]
     command = [sys.executable, "-m", "eva_utils", "train", "--quiet", *where,
                *field_flags(run.config)]  # fmt: skip
     log = _log(run)
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else None
     with open(log, "a") as output:
-        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # fmt: skip
 
 

@@ -7,14 +7,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import Config, divergence_advice, preset_name
+from .config import Config, divergence_advice, preset_name, refuse
 from .data import ImageSet
-from .devices import describe, environment
-from .errors import ConfigError, Interrupted, TrainingDiverged, resume_command, spelled
+from .devices import describe, environment, select_device
+from .errors import (
+    ConfigError,
+    EvaError,
+    Interrupted,
+    TrainingDiverged,
+    option,
+    resume_command,
+    spelled,
+)
 from .progress import epoch_bar, note
 from .ranks import Ranks
 from .results import describe_data
@@ -44,22 +52,27 @@ def fit(
     With ``out``, every epoch atomically rewrites ``out/last.pt`` (everything needed to resume),
     ``out/best.pt`` (when the test accuracy improves) and ``out/metrics.json``; with
     ``resume=True`` the run continues from ``out/last.pt``. ``out`` is a path, which fit opens,
-    checks and closes itself, or a :class:`RunFolder` that the caller opened (and closes): then
-    the folder's own state says whether the run is resumed. Ctrl-C or SIGTERM stop the run; the
-    checkpoint of the last finished epoch stays, and :class:`~eva_utils.errors.Interrupted` says
-    how to resume.
+    checks and closes itself, or a :class:`RunFolder` that the caller opened
+    (:func:`open_run_folder`) and closes: then the folder's own state says whether the run is
+    resumed. Ctrl-C or SIGTERM stop the run; the checkpoint of the last finished epoch stays, and
+    :class:`~eva_utils.errors.Interrupted` says how to resume.
+
+    Started by ``torchrun`` on N processes, the N train one run (:mod:`eva_utils.ranks`):
+    ``batch_size`` stays the global batch, each BatchNorm normalises one process's slice of it
+    (so N processes with ``norm="bn"`` train what one process trains with ``norm="gbn",
+    num_splits=N``), and only the main process writes the run folder and shows progress.
     """
-    ranks = Ranks.from_environment()
+    ranks = start_ranks(config.device, config.batch_size)
     # Opened before the data is loaded: a refusal takes a moment, not the data set's load.
-    with _opened(out, resume, config) as folder, sigterm_as_interrupt():
+    with _opened(out, resume, config, ranks) as folder, sigterm_as_interrupt():
         state = None
         try:
-            state = TrainingState(config, datasets, progress and ranks.is_main)
+            state = TrainingState(config, datasets, progress and ranks.is_main, ranks)
             if folder is not None and folder.state is not None:
                 state.load_state_dict(folder.state)
                 if folder.epochs_done != len(state.history) and ranks.is_main:
                     # killed between writing last.pt and metrics.json: make them agree again
-                    folder.save(state.state_dict(), environment(state.device))
+                    folder.save(state.state_dict(), _environment(state))
             _loop(state, folder, ranks, progress, on_epoch)
         except KeyboardInterrupt:
             raise _interrupted(folder, len(state.history) + 1 if state else 1) from None
@@ -68,24 +81,61 @@ def fit(
     return state.history
 
 
+def start_ranks(device: str, batch_size: int | None = None) -> Ranks:
+    """This process's ranks, joined to the others (a world of 1 without torchrun), once they
+    are known to be able to share batches of ``batch_size``."""
+    ranks = Ranks.from_environment()
+    if batch_size is not None:
+        refuse(ranks.batch_problem(batch_size))
+    ranks.join(ranks.local_device(select_device(device)))
+    return ranks
+
+
+@contextlib.contextmanager
+def open_run_folder(ranks: Ranks, path: str | Path, resume: bool) -> Iterator[RunFolder]:
+    """The run folder as this process uses it: opened, checked and locked by the main process
+    (:meth:`RunFolder.open`), whose word the others wait for, and read by the others without
+    writing anything (:meth:`RunFolder.peek`); closed when the block ends."""
+    if not ranks.is_main:
+        ranks.agree(None)  # raises if the main process could not open it
+        yield RunFolder.peek(path, resume=resume)
+        return
+    try:
+        folder = RunFolder.open(path, resume=resume)
+    except EvaError as error:
+        ranks.agree(str(error))
+        raise
+    ranks.agree(None)
+    with folder:
+        yield folder
+
+
+@contextlib.contextmanager
 def _opened(
-    out: str | Path | RunFolder | None, resume: bool, config: Config
-) -> contextlib.AbstractContextManager[RunFolder | None]:
+    out: str | Path | RunFolder | None, resume: bool, config: Config, ranks: Ranks
+) -> Iterator[RunFolder | None]:
     """The run folder to train in: the caller's, as it is; or ``out`` opened here (and closed
     when training ends), its recipe checked; or none."""
     if isinstance(out, RunFolder):
-        return contextlib.nullcontext(out)
-    if out is None:
+        yield out
+    elif out is None:
         if resume:
-            raise ConfigError("resume needs the run folder (out=...)")
-        return contextlib.nullcontext()
-    folder = RunFolder.open(out, resume=resume)
-    try:
-        folder.check_recipe(config)
-    except BaseException:
-        folder.close()
-        raise
-    return folder
+            raise ConfigError(f"resume needs the run folder ({option('out')})")
+        yield None
+    else:
+        with open_run_folder(ranks, out, resume) as folder:
+            folder.check_recipe(config)
+            yield folder
+
+
+def _environment(state: TrainingState) -> dict[str, Any]:
+    """What metrics.json records about where the run computed, and how it normalised."""
+    config = state.config
+    ghost_batches = config.num_splits if config.norm == "gbn" else 1
+    return {
+        **environment(state.device),
+        **state.ranks.normalisation(config.batch_size, ghost_batches),
+    }
 
 
 def _loop(
@@ -104,12 +154,13 @@ def _loop(
         state.train_loader = _Estimate(timed, len(timed) * len(epochs), state, folder)
     bar = epoch_bar(epochs, total=state.config.epochs, progress=progress)
     for epoch in bar:
+        ranks.seed(state.config.seed, epoch)
         row = _train_and_test(state, epoch, ranks)
         state.train_loader = timed
         bar.set_postfix(test_acc=f"{row['test_acc']:.2%}", loss=f"{row['test_loss']:.3f}")
         if folder is not None and ranks.is_main:
-            folder.save(state.state_dict(), environment(state.device))
-        ranks.wait_for_everyone()
+            folder.save(state.state_dict(), _environment(state))
+        ranks.wait_for_everyone()  # no rank goes on before the epoch is saved
         if on_epoch is not None:
             on_epoch(row)
 
@@ -191,6 +242,7 @@ def _train_and_test(state: TrainingState, epoch: int, ranks: Ranks) -> Row:
     started = time.perf_counter()
     lr = state.optimizer.param_groups[0]["lr"]
     trained = ranks.reduce(state.train_epoch(epoch))
+    ranks.average_buffers(state.model)  # the statistics of one ghost batch per rank
     tested = ranks.reduce(state.test_epoch(epoch))
     if not math.isfinite(tested["loss"]):
         raise TrainingDiverged(

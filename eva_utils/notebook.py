@@ -13,7 +13,9 @@ import atexit
 import dataclasses
 import difflib
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import typing
@@ -287,3 +289,57 @@ def history_table(history: list[dict]) -> str:
             f"{row['seconds']:>7.1f}"
         )
     return "\n".join(lines)
+
+
+# --- several GPUs --------------------------------------------------------------------------------
+
+
+def torchrun_command(config: Config, gpus: int, out: str) -> str:
+    """The shell command that trains ``config``'s recipe on ``gpus`` GPUs of this machine
+    into ``out``: one process per GPU, the same global batch, and Ghost BatchNorm's splits
+    divided among the GPUs where they divide (each GPU's BatchNorm already normalises its own
+    slice of the batch), so that the run normalises over the same ghost batches as one GPU."""
+    gpus = max(gpus, 1)
+    changes = {name: value for name, value in config.items()
+               if value != getattr(get_preset("session8"), name)}  # fmt: skip
+    if config.norm == "gbn" and config.num_splits % gpus == 0:
+        changes["num_splits"] = config.num_splits // gpus
+    flags = []
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif name != "device":  # each process takes its own GPU
+            flags += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+    return shlex.join(
+        ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "eva_utils", "train",
+         "--out", out, *flags]
+    )  # fmt: skip
+
+
+def ranks_and_ghost_batches() -> dict[str, float]:
+    """Train the small network of :mod:`eva_utils.demo_ranks` on two CPU processes with
+    BatchNorm, in one process with Ghost BatchNorm of 2 splits, and in one process with plain
+    BatchNorm; returns the largest difference of the first from each of the others ("ghost",
+    "plain"), weights and running statistics included."""
+    from .demo_ranks import compare
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EVA_DIST_TIMEOUT": "60"}
+    with tempfile.TemporaryDirectory() as folder:
+        runs = [
+            ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             "-m", "eva_utils.demo_ranks", folder],
+            ["-m", "eva_utils.demo_ranks", folder, "--norm", "gbn"],
+            ["-m", "eva_utils.demo_ranks", folder, "--norm", "bn", "--name", "one-process"],
+        ]  # fmt: skip
+        for args in runs:
+            done = subprocess.run([sys.executable, *args], env=env, capture_output=True,
+                                  text=True, timeout=300)  # fmt: skip
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise EvaError(f"the two-process demo failed ({last})")
+        ranks = Path(folder) / "bn.pt"
+        return {
+            "ghost": compare(ranks, Path(folder) / "gbn.pt"),
+            "plain": compare(ranks, Path(folder) / "one-process.pt"),
+        }

@@ -254,3 +254,25 @@ def test_parallel_runs_are_placed_on_the_visible_gpus_one_each(tmp_path, monkeyp
     runs = sweeps.plan(base, {"dropout": [0.0, 0.1]}, [1, 2], tmp_path)
     assert sweeps.train_planned(runs, parallel=2, progress=False) == []
     assert seen == ["0", "1", "0", "1"]
+
+
+def test_sigterm_stops_every_rank_after_a_consistent_checkpoint(tmp_path):
+    """A job scheduler's SIGTERM reaches torchrun, which passes it to every rank: the main
+    process says once what the run folder holds, which is whole epochs, and the lock is free."""
+    three = [*ACCEPTANCE[:-1], "--quiet"]
+    three[three.index("--epochs") + 1] = "3"
+    job = torchrun("train", *three, "--norm", "bn", "--out", "run", cwd=tmp_path)
+    metrics = tmp_path / "run" / runfolder.METRICS
+    for _ in range(1200):
+        if metrics.exists():
+            break
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    code, _, err = finish(job, timeout=120)
+    assert code != 0 and time.monotonic() - stopped < 60
+    assert err.count("eva8: stopped in epoch") == 1, err  # the main process, once
+    saved = runfolder.load_checkpoint(tmp_path / "run" / runfolder.LAST)["history"]
+    assert [row["epoch"] for row in saved] == list(range(1, len(saved) + 1))
+    assert runfolder.epochs_done(tmp_path / "run") == len(saved)
+    assert not (tmp_path / "run" / runfolder.LOCK).exists()

@@ -13,10 +13,9 @@ import dataclasses
 import os
 import shlex
 import sys
-import typing
 from pathlib import Path
 
-from .config import PRESETS, Config, get_preset, parse_field
+from .config import PRESETS, Config, add_config_flags, get_preset
 from .errors import ConfigError, EvaError, Interrupted, command_line_words
 from .files import check_output_folder
 from .signals import sigterm_as_interrupt
@@ -31,33 +30,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def _field_type(name: str):
-    def parse(text: str):
-        return parse_field(name, text)
-
-    parse.__name__ = name  # argparse says "invalid <name> value: ..."
-    return parse
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field (``--train-size``, ``--no-channels-last``...), default: the
-    preset's."""
-    hints = typing.get_type_hints(Config)
-    group = parser.add_argument_group("hyperparameters (default: the preset's value)")
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        options: dict = {"default": None, "help": field.metadata["help"], "dest": field.name}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            metavar = {"augment": "LIST", "data": "PATH"}.get(field.name)
-            if metavar is None:
-                metavar = "N" if kind == int | None else field.name.upper().replace("_", "-")
-            options.update(type=_field_type(field.name), metavar=metavar)
-        group.add_argument(flag, **options)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -199,7 +171,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .plots import save_history_figures
     from .results import summarize_history, target_reached
-    from .runfolder import BEST, LAST, METRICS
+    from .runfolder import BEST, LAST, METRICS, recorded_device
     from .training import fit, open_run_folder, start_ranks
 
     if args.resume is not None:
@@ -211,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--preset cannot change a resumed run: {out} continues with the settings in its "
                 "checkpoint (flags such as --epochs still apply)"
             )
-        ranks = start_ranks(args.device or _recorded_device(out))
+        ranks = start_ranks(args.device or recorded_device(out))
         with open_run_folder(ranks, out, resume=True) as folder:
             changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
             config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
@@ -245,15 +217,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     print(f"wrote {out / METRICS}, {out / BEST}, {out / LAST}, "
           + ", ".join(str(p) for p in figures))  # fmt: skip
-
-
-def _recorded_device(folder: Path) -> str:
-    """The device a run folder's metrics.json records (auto if it has none)."""
-    from .runfolder import METRICS, read_metrics
-
-    if not (folder / METRICS).is_file():
-        return "auto"
-    return read_metrics(folder / METRICS).get("config", {}).get("device", "auto")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -431,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 COMMANDS[command](args)
             finally:
-                _leave_process_group()
+                if "torch.distributed" in sys.modules:  # joined a torchrun process group
+                    from .ranks import leave
+
+                    leave()
     except Interrupted as error:
         if _rank() == 0:  # the main process says what the run folder holds
             print(f"{PROG}: {error}", file=sys.stderr)
@@ -455,13 +421,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG} (rank {rank}): error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-def _leave_process_group() -> None:
-    """End this process's part in a torchrun process group, if it joined one."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _rank() -> int:

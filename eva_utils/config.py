@@ -6,6 +6,7 @@ generated from :class:`Config`, so they cannot drift apart.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -255,6 +256,33 @@ def parse_field(name: str, text: str, source: str | None = None) -> Any:
     except (KeyError, ValueError):
         raise ConfigError(f"{source or name} must be {ACCEPTS[kind]}, got {text!r}") from None
     return text
+
+
+def _field_type(name: str):
+    def parse(text: str):
+        return parse_field(name, text)
+
+    parse.__name__ = name  # argparse says "invalid <name> value: ..."
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field (``--train-size``, ``--no-channels-last``...), default: the
+    preset's."""
+    hints = typing.get_type_hints(Config)
+    group = parser.add_argument_group("hyperparameters (default: the preset's value)")
+    for knob in dataclasses.fields(Config):
+        flag = "--" + knob.name.replace("_", "-")
+        kind = hints[knob.name]
+        options: dict = {"default": None, "help": knob.metadata["help"], "dest": knob.name}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            metavar = {"augment": "LIST", "data": "PATH"}.get(knob.name)
+            if metavar is None:
+                metavar = "N" if kind == int | None else knob.name.upper().replace("_", "-")
+            options.update(type=_field_type(knob.name), metavar=metavar)
+        group.add_argument(flag, **options)
 
 
 def field_flags(config: Config) -> list[str]:

@@ -214,8 +214,14 @@ class Ranks:
 
     def leave(self) -> None:
         """Leave the process group (at the end of training)."""
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.distributed:
+            leave()
+
+
+def leave() -> None:
+    """End this process's part in a torchrun process group, if it joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _device_id(device: torch.device) -> torch.device | None:

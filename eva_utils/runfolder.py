@@ -179,6 +179,12 @@ def _flag_value(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
+def recorded_device(folder: str | Path) -> str:
+    """The device a run folder's metrics.json records (auto if it has none)."""
+    path = Path(folder) / METRICS
+    return read_metrics(path).get("config", {}).get("device", "auto") if path.is_file() else "auto"
+
+
 def holds_run(path: str | Path) -> bool:
     """Whether ``path`` holds a run that can be resumed (a ``last.pt``)."""
     return (Path(path) / LAST).exists()

@@ -35,11 +35,11 @@ def spelled(command_line: str, library: str) -> str:
 
 def option(name: str, value: Any = None) -> str:
     """How the reader gives the setting ``name`` (a Config field or an argument of ``fit``):
-    ``--train-size 64`` on the command line, ``train_size=64`` from Python (without ``value``,
-    the flag or the name alone)."""
+    ``--train-size 64`` on the command line, ``train_size=64`` from Python (without ``value``:
+    ``--train-size``, ``train_size=...``)."""
     flag = "--" + name.replace("_", "-")
     if value is None:
-        return spelled(flag, name)
+        return spelled(flag, f"{name}=...")
     return spelled(f"{flag} {value}", f"{name}={value}")
 
 

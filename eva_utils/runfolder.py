@@ -163,7 +163,7 @@ def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
     """Refuse to resume the run in ``out``, started with ``saved``, with a ``config`` that
     differs in a field of its recipe (:data:`~eva_utils.config.RECIPE_FIELDS`)."""
     changed = ", ".join(
-        f"{option(name)} {_flag_value(old)} -> {_flag_value(new)}"
+        f"{spelled('--' + name.replace('_', '-'), name)} {_flag_value(old)} -> {_flag_value(new)}"
         for (name, old), (_, new) in zip(saved.items(), config.items())
         if name in RECIPE_FIELDS and old != new
     )

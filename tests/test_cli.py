@@ -105,7 +105,8 @@ def test_progress_piped_into_a_log_is_one_plain_line_per_epoch(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "\x1b[" not in result.stderr and "\r" not in result.stderr
-    lines = result.stderr.splitlines()
+    start, *lines = result.stderr.splitlines()
+    assert "run folder: run" in start  # the one line before training (issue 28), then:
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], result.stderr
     assert "test_acc" in lines[1]
 

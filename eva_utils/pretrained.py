@@ -1,5 +1,5 @@
 """The reference run's trained model for every student, downloaded the way torchvision's weights
-are: a release asset of the repository, checked by its full sha256, cached by torch.hub.
+are: a release asset of the repository, checked by its full sha256, cached in torch.hub's folder.
 
 The asset is the reference run's ``best.pt`` (``results/session8-h100``) with its weights stored
 in fp16, half the size of the fp32 file; they are read back into the fp32 model, and the test
@@ -15,7 +15,8 @@ The download lands in torch.hub's cache (``$TORCH_HOME/hub/checkpoints``, by def
 ``~/.cache/torch/hub/checkpoints``) as a run folder named like the asset, with the sha256 prefix
 that names torchvision's files: ``eva8-session8-h100-<sha256[:8]>/best.pt``, which
 ``analysis.load_trained_model(download())`` reads. A second call finds it there and downloads
-nothing.
+nothing. A server that stops answering for :data:`TIMEOUT_SECONDS` (to connect, or between two
+reads) ends the download in one line; a slow one that keeps sending does not.
 
 ``make release-asset`` (``python -m eva_utils.pretrained CHECKPOINT --out dist``) writes the
 asset from a checkpoint and prints its size and sha256: byte for byte the same file on every
@@ -25,6 +26,7 @@ run (with the same torch version), so :data:`SHA256` is that digest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import importlib.metadata
@@ -32,14 +34,15 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.error import HTTPError
-from urllib.request import Request
+from urllib.request import Request, urlopen
 
 import torch
 
 from .errors import CheckpointError
-from .files import atomic_rename, atomic_write
+from .files import atomic_write
+from .progress import redraws, tqdm
 from .runfolder import BEST, load_checkpoint
 
 DISTRIBUTION = "eva8"  # the package whose metadata names the repository
@@ -49,6 +52,8 @@ ASSET_STEM = "eva8-session8-h100"
 # ../shared/reference-runs/session8-h100/best.pt (torch 2.14).
 SHA256 = "d43e003f03e93a21da61f237c94ad19c085d3f7013256265548997f07f765617"
 URL_ENV = "EVA_PRETRAINED_URL"
+TIMEOUT_SECONDS = 30.0  # to connect, and then for each read: a server silent this long fails
+READ_BYTES = 1 << 16  # each read: the progress bar moves every 64 KiB
 
 
 def asset_name(sha256: str = SHA256) -> str:
@@ -84,38 +89,66 @@ def release_url() -> str:
 def download(url: str | None = None, sha256: str | None = None, progress: bool = True) -> Path:
     """The run folder, in torch.hub's cache, whose ``best.pt`` is the asset at ``url`` (default
     :func:`release_url`) with this ``sha256`` (default :data:`SHA256`): downloaded if it is not
-    there yet, and kept only if its full sha256 matches. Raises CheckpointError, in one line, if
-    it cannot be."""
+    there yet, and kept only if its full sha256 matches. A server silent for
+    :data:`TIMEOUT_SECONDS` ends the download. Raises CheckpointError, in one line, if it cannot
+    be."""
     sha256 = sha256 or SHA256
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     folder = cache / Path(asset_name(sha256)).stem
     if (folder / BEST).is_file():
         return folder
     url = url or release_url()
-    downloaded = cache / asset_name(sha256)
     try:
-        Request(url)  # a malformed URL fails here, before torch.hub creates its partial file
         cache.mkdir(parents=True, exist_ok=True)
-        # hash_prefix=the whole digest: torch.hub compares that many characters, and moves the
-        # file into place only when they match (it deletes its partial file otherwise).
-        torch.hub.download_url_to_file(url, str(downloaded), hash_prefix=sha256, progress=progress)
-    except RuntimeError as error:
-        if "invalid hash value" not in str(error):
-            raise
+        # the scratch file (.best.pt.XXXX.<pid>.tmp) is removed if anything fails
+        atomic_write(folder / BEST, lambda file: _fetch(url, file, sha256, progress))
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        _remove_if_empty(folder)
+        # "HTTP Error 404: Not Found"; a URLError's reason, without its "<urlopen error>"
+        reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
+        raise CheckpointError(_unreachable(url, reason, sha256)) from None
+    except BaseException:
+        _remove_if_empty(folder)
+        raise
+    return folder
+
+
+def _fetch(url: str, file: IO[bytes], sha256: str, progress: bool) -> None:
+    """Copy the body at ``url`` into ``file``; raises CheckpointError if its sha256 differs
+    from ``sha256``."""
+    digest = hashlib.sha256()
+    request = Request(url, headers={"User-Agent": DISTRIBUTION})
+    # the timeout bounds the connection and every read: a slow download goes on, a silent one
+    # raises TimeoutError
+    with urlopen(request, timeout=TIMEOUT_SECONDS) as response:
+        length = response.headers.get("Content-Length", "")
+        total = int(length) if length.isdigit() else None
+        shown = progress and redraws()
+        bar = tqdm(total=total, disable=not shown, unit="B", unit_scale=True, unit_divisor=1024)
+        with bar:
+            while block := response.read(READ_BYTES):
+                file.write(block)
+                digest.update(block)
+                bar.update(len(block))
+    if digest.hexdigest() != sha256:
         raise CheckpointError(
             f"{url} is not the published trained model (its sha256 differs from "
             f"{sha256[:8]}...): nothing was kept; check {URL_ENV} or the release's asset"
-        ) from None
-    except (OSError, ValueError, http.client.HTTPException) as error:
-        # "HTTP Error 404: Not Found"; a URLError's reason, without its "<urlopen error>"
-        reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
-        raise CheckpointError(
-            f"could not download the trained model from {url} ({reason}): check the network, "
-            f"or set {URL_ENV} to a copy of {asset_name(sha256)}"
-        ) from None
-    folder.mkdir(exist_ok=True)
-    atomic_rename(downloaded, folder / BEST)
-    return folder
+        )
+
+
+def _unreachable(url: str, reason: object, sha256: str) -> str:
+    if isinstance(reason, TimeoutError):
+        reason = f"nothing received for {TIMEOUT_SECONDS:g} s"
+    return (
+        f"could not download the trained model from {url} ({reason}): check the network, "
+        f"or set {URL_ENV} to a copy of {asset_name(sha256)}"
+    )
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 # --- the release asset -------------------------------------------------------------------------

@@ -7,8 +7,11 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+import time
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,6 +77,63 @@ def http_root(tmp_path):
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def misbehaving_server(asset) -> Iterator[str]:
+    """Base URL of an HTTP server on 127.0.0.1 that, for ``/silent``, accepts the request and
+    never answers; for ``/partway``, sends the headers and half of the asset, then nothing; for
+    ``/trickle``, sends the asset in six pieces a quarter of a second apart. The silent ones
+    wait until the test ends."""
+    body = asset.read_bytes()
+    test_over = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path in ("/partway", "/trickle"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+            if self.path == "/partway":
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+            if self.path == "/trickle":
+                piece = -(-len(body) // 6)
+                for start in range(0, len(body), piece):
+                    self.wfile.write(body[start : start + piece])
+                    self.wfile.flush()
+                    time.sleep(0.25)
+                return
+            test_over.wait(60)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    test_over.set()
+    server.shutdown()
+    server.server_close()
+
+
+def finishes_within(seconds: float, call: Callable[[], Any]) -> Any:
+    """What ``call()`` returns or raises, run in a thread; fails the test (instead of hanging
+    it) if it has not finished after ``seconds``."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as error:  # handed to the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    return outcome[0]
 
 
 def cached_files(hub: Path) -> list[Path]:
@@ -158,23 +218,11 @@ def test_download_over_http(hub, asset, http_root):
     assert (folder / runfolder.BEST).read_bytes() == asset.read_bytes()
 
 
-def test_second_download_is_served_from_the_cache(hub, asset, monkeypatch):
+def test_second_download_is_served_from_the_cache(hub, asset, tmp_path):
     sha256 = pretrained.file_sha256(asset)
     first = pretrained.download(asset.as_uri(), sha256, progress=False)
-    downloads = []
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: downloads.append(a))
-    assert pretrained.download(asset.as_uri(), sha256, progress=False) == first
-    assert downloads == []
-
-
-def test_wrong_checksum_is_refused_in_one_line_and_nothing_is_cached(hub, asset):
-    wrong = "0" * 64
-    with pytest.raises(CheckpointError) as error:
-        pretrained.download(asset.as_uri(), wrong, progress=False)
-    assert "is not the published trained model" in str(error.value)
-    assert "\n" not in str(error.value)
-    assert cached_files(hub) == []
-    assert not (hub / "checkpoints" / Path(pretrained.asset_name(wrong)).stem).exists()
+    nowhere = (tmp_path / "no-such-asset.pt").as_uri()  # a download would fail
+    assert pretrained.download(nowhere, sha256, progress=False) == first
 
 
 @pytest.mark.parametrize("where", ["missing file", "http 404", "closed port", "no scheme"])
@@ -191,6 +239,35 @@ def test_unreachable_url_gives_one_line(hub, tmp_path, http_root, where):
     assert message.startswith(f"could not download the trained model from {url} (")
     assert pretrained.URL_ENV in message and "\n" not in message
     assert cached_files(hub) == []
+
+
+@pytest.mark.parametrize("server", ["never answers", "stops partway"])
+def test_a_silent_server_ends_the_download_in_one_line(
+    hub, asset, misbehaving_server, monkeypatch, server
+):
+    monkeypatch.setattr(pretrained, "TIMEOUT_SECONDS", 1.0, raising=False)
+    url = misbehaving_server + {"never answers": "/silent", "stops partway": "/partway"}[server]
+    sha256 = pretrained.file_sha256(asset)
+    error = finishes_within(10, lambda: pretrained.download(url, sha256, progress=False))
+    assert isinstance(error, CheckpointError), error
+    message = str(error)
+    assert message.startswith(f"could not download the trained model from {url} (")
+    assert "1 s" in message and "\n" not in message
+    assert cached_files(hub) == []
+
+
+def test_a_slow_download_that_keeps_moving_is_not_cut_off(
+    hub, asset, misbehaving_server, monkeypatch
+):
+    """The timeout is for silence, not for the whole download: six pieces 0.25 s apart take
+    longer than the 1 s timeout, and none is late."""
+    monkeypatch.setattr(pretrained, "TIMEOUT_SECONDS", 1.0, raising=False)
+    url = f"{misbehaving_server}/trickle"
+    start = time.monotonic()
+    sha256 = pretrained.file_sha256(asset)
+    folder = finishes_within(10, lambda: pretrained.download(url, sha256, progress=False))
+    assert time.monotonic() - start > 1.0
+    assert (folder / runfolder.BEST).read_bytes() == asset.read_bytes()
 
 
 # --- the notebooks -----------------------------------------------------------------------------

@@ -140,6 +140,14 @@ def cached_files(hub: Path) -> list[Path]:
     return [path for path in hub.rglob("*") if path.is_file()]
 
 
+def damage(path: Path) -> None:
+    """Flip 16 bytes in the middle of the file ``path``."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(byte ^ 0xFF for byte in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+
 # --- the asset ---------------------------------------------------------------------------------
 
 
@@ -223,6 +231,40 @@ def test_second_download_is_served_from_the_cache(hub, asset, tmp_path):
     first = pretrained.download(asset.as_uri(), sha256, progress=False)
     nowhere = (tmp_path / "no-such-asset.pt").as_uri()  # a download would fail
     assert pretrained.download(nowhere, sha256, progress=False) == first
+
+
+def test_a_damaged_cached_file_is_downloaded_again(hub, asset):
+    sha256 = pretrained.file_sha256(asset)
+    folder = pretrained.download(asset.as_uri(), sha256, progress=False)
+    damage(folder / runfolder.BEST)
+    assert pretrained.download(asset.as_uri(), sha256, progress=False) == folder
+    assert (folder / runfolder.BEST).read_bytes() == asset.read_bytes()
+
+
+def test_a_damaged_cached_file_is_refused_in_one_line_when_no_download_can_replace_it(
+    hub, asset, tmp_path
+):
+    sha256 = pretrained.file_sha256(asset)
+    folder = pretrained.download(asset.as_uri(), sha256, progress=False)
+    damage(folder / runfolder.BEST)
+    nowhere = (tmp_path / "no-such-asset.pt").as_uri()
+    with pytest.raises(CheckpointError) as error:
+        pretrained.download(nowhere, sha256, progress=False)
+    message = str(error.value)
+    assert str(folder / runfolder.BEST) in message and "sha256" in message
+    assert f"could not download the trained model from {nowhere} (" in message
+    assert "\n" not in message
+    assert cached_files(hub) == []
+
+
+def test_wrong_checksum_is_refused_in_one_line_and_nothing_is_cached(hub, asset):
+    wrong = "0" * 64
+    with pytest.raises(CheckpointError) as error:
+        pretrained.download(asset.as_uri(), wrong, progress=False)
+    assert "is not the published trained model" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert cached_files(hub) == []
+    assert not (hub / "checkpoints" / Path(pretrained.asset_name(wrong)).stem).exists()
 
 
 @pytest.mark.parametrize("where", ["missing file", "http 404", "closed port", "no scheme"])

@@ -33,6 +33,7 @@ import importlib.metadata
 import io
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.error import HTTPError
@@ -41,7 +42,7 @@ from urllib.request import Request, urlopen
 import torch
 
 from .errors import CheckpointError
-from .files import atomic_write
+from .files import atomic_write, remove_dead_scratch
 from .progress import redraws, tqdm
 from .runfolder import BEST, load_checkpoint
 
@@ -96,17 +97,14 @@ def download(url: str | None = None, sha256: str | None = None, progress: bool =
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     folder = cache / Path(asset_name(sha256)).stem
     best = folder / BEST
-    damaged = False
-    if best.is_file():
-        if file_sha256(best) == sha256:  # about 0.02 s for the 22 MB asset
-            return folder
-        best.unlink(missing_ok=True)  # changed since it was downloaded: download it again
-        damaged = True
+    cached = best.is_file()
+    if cached and file_sha256(best) == sha256:  # about 0.02 s for the 22 MB asset
+        return folder
     url = url or release_url()
     try:
         _download(url, best, sha256, progress)
     except CheckpointError as error:
-        if damaged:
+        if cached:  # but changed since it was downloaded
             raise CheckpointError(
                 f"{best} failed its sha256 check and was removed; {error}"
             ) from None
@@ -123,40 +121,52 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _download(url: str, best: Path, sha256: str, progress: bool) -> None:
-    """Download ``url`` into ``best`` (in a folder of the cache), if its sha256 is ``sha256``;
-    else raise CheckpointError and keep nothing."""
+    """Download ``url`` into ``best`` (a run folder in the cache), replacing what is there, if
+    its sha256 is ``sha256``; else raise CheckpointError and keep nothing."""
     folder = best.parent
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        # the scratch file (.best.pt.XXXX.<pid>.tmp) is removed if anything fails
+        best.unlink(missing_ok=True)  # a damaged copy goes, whether or not a download follows
+        folder.mkdir(parents=True, exist_ok=True)
+        # what killed downloads left: their scratch (.best.pt.XXXX.<pid>.tmp), and the .partial
+        # files of earlier versions (torch.hub.download_url_to_file's, beside the folder)
+        remove_dead_scratch(folder, prefix=f".{BEST}.")
+        for partial in folder.parent.glob(f"{folder.name}.pt.*.partial"):
+            partial.unlink(missing_ok=True)
+        # the scratch file is removed if anything fails
         atomic_write(best, lambda file: _fetch(url, file, sha256, progress))
-    except (OSError, ValueError, http.client.HTTPException) as error:
-        _remove_if_empty(folder)
-        # "HTTP Error 404: Not Found"; a URLError's reason, without its "<urlopen error>"
-        reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
-        raise CheckpointError(_unreachable(url, reason, sha256)) from None
-    except BaseException:
-        _remove_if_empty(folder)
-        raise
+    except OSError as error:  # the cache's: _fetch turned the network's into CheckpointError
+        raise CheckpointError(
+            f"cannot write the trained model into {folder.parent} ({error.strerror or error}): "
+            "make room or make it writable there, or set TORCH_HOME to another folder"
+        ) from None
+    finally:
+        if not best.is_file():
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: a failed download keeps nothing
 
 
 def _fetch(url: str, file: IO[bytes], sha256: str, progress: bool) -> None:
-    """Copy the body at ``url`` into ``file``; raises CheckpointError if its sha256 differs
-    from ``sha256``."""
+    """Copy the body at ``url`` into ``file``; raises CheckpointError if it cannot be read, or
+    if its sha256 differs from ``sha256``. Only ``file`` raises OSError."""
     digest = hashlib.sha256()
-    request = Request(url, headers={"User-Agent": DISTRIBUTION})
     # the timeout bounds the connection and every read: a slow download goes on, a silent one
     # raises TimeoutError
-    with urlopen(request, timeout=TIMEOUT_SECONDS) as response:
-        length = response.headers.get("Content-Length", "")
-        total = int(length) if length.isdigit() else None
-        shown = progress and redraws()
-        bar = tqdm(total=total, disable=not shown, unit="B", unit_scale=True, unit_divisor=1024)
-        with bar:
-            while block := response.read(READ_BYTES):
-                file.write(block)
-                digest.update(block)
-                bar.update(len(block))
+    with _reading(url, sha256):  # a malformed URL fails in Request
+        request = Request(url, headers={"User-Agent": DISTRIBUTION})
+        response = urlopen(request, timeout=TIMEOUT_SECONDS)
+    length = response.headers.get("Content-Length", "")
+    total = int(length) if length.isdigit() else None
+    shown = progress and redraws()
+    bar = tqdm(total=total, disable=not shown, unit="B", unit_scale=True, unit_divisor=1024)
+    with response, bar:
+        while True:
+            with _reading(url, sha256):
+                block = response.read(READ_BYTES)
+            if not block:
+                break
+            file.write(block)
+            digest.update(block)
+            bar.update(len(block))
     if digest.hexdigest() != sha256:
         raise CheckpointError(
             f"{url} is not the published trained model (its sha256 differs from "
@@ -164,18 +174,21 @@ def _fetch(url: str, file: IO[bytes], sha256: str, progress: bool) -> None:
         )
 
 
-def _unreachable(url: str, reason: object, sha256: str) -> str:
-    if isinstance(reason, TimeoutError):
-        reason = f"nothing received for {TIMEOUT_SECONDS:g} s"
-    return (
-        f"could not download the trained model from {url} ({reason}): check the network, "
-        f"or set {URL_ENV} to a copy of {asset_name(sha256)}"
-    )
-
-
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+@contextlib.contextmanager
+def _reading(url: str, sha256: str) -> Iterator[None]:
+    """Turn a failure to read from ``url`` into CheckpointError, in one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        # "HTTP Error 404: Not Found"; a URLError's reason, without its "<urlopen error>"
+        reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            reason = f"nothing received for {TIMEOUT_SECONDS:g} s"
+        reason = " ".join(str(reason).split())  # a redirect loop's HTTPError has three lines
+        raise CheckpointError(
+            f"could not download the trained model from {url} ({reason}): check the network, "
+            f"or set {URL_ENV} to a copy of {asset_name(sha256)}"
+        ) from None
 
 
 # --- the release asset -------------------------------------------------------------------------

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -22,7 +26,7 @@ from eva_utils.data import CIFAR10_CLASSES
 from eva_utils.engine import build_model
 from eva_utils.errors import CheckpointError
 
-from .conftest import ROOT
+from .conftest import ROOT, cli_env
 
 REFERENCE_BEST = ROOT.parent / "shared" / "reference-runs" / "session8-h100" / "best.pt"
 CONFIG = get_preset("session8").replace(data="synthetic", device="cpu")
@@ -72,7 +76,7 @@ def http_root(tmp_path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -83,13 +87,19 @@ def http_root(tmp_path):
 def misbehaving_server(asset) -> Iterator[str]:
     """Base URL of an HTTP server on 127.0.0.1 that, for ``/silent``, accepts the request and
     never answers; for ``/partway``, sends the headers and half of the asset, then nothing; for
-    ``/trickle``, sends the asset in six pieces a quarter of a second apart. The silent ones
-    wait until the test ends."""
+    ``/trickle``, sends the asset in six pieces a quarter of a second apart; for ``/loop``,
+    redirects to itself. The silent ones wait until the test ends."""
     body = asset.read_bytes()
     test_over = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path == "/loop":
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path in ("/partway", "/trickle"):
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -110,7 +120,7 @@ def misbehaving_server(asset) -> Iterator[str]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     test_over.set()
@@ -267,13 +277,16 @@ def test_wrong_checksum_is_refused_in_one_line_and_nothing_is_cached(hub, asset)
     assert not (hub / "checkpoints" / Path(pretrained.asset_name(wrong)).stem).exists()
 
 
-@pytest.mark.parametrize("where", ["missing file", "http 404", "closed port", "no scheme"])
-def test_unreachable_url_gives_one_line(hub, tmp_path, http_root, where):
+@pytest.mark.parametrize(
+    "where", ["missing file", "http 404", "closed port", "no scheme", "redirect loop"]
+)
+def test_unreachable_url_gives_one_line(hub, tmp_path, http_root, misbehaving_server, where):
     url = {
         "missing file": (tmp_path / "no-such-asset.pt").as_uri(),
         "http 404": f"{http_root[1]}/no-such-asset.pt",
         "closed port": "http://127.0.0.1:9/no-such-asset.pt",  # discard: nothing listens
         "no scheme": str(tmp_path / "no-such-asset.pt"),
+        "redirect loop": f"{misbehaving_server}/loop",
     }[where]
     with pytest.raises(CheckpointError) as error:
         pretrained.download(url, "0" * 64, progress=False)
@@ -310,6 +323,72 @@ def test_a_slow_download_that_keeps_moving_is_not_cut_off(
     folder = finishes_within(10, lambda: pretrained.download(url, sha256, progress=False))
     assert time.monotonic() - start > 1.0
     assert (folder / runfolder.BEST).read_bytes() == asset.read_bytes()
+
+
+def test_a_killed_download_leaves_nothing_once_the_next_one_runs(hub, asset, misbehaving_server):
+    """kill -9 skips every clean-up: the next download removes the dead process's scratch."""
+    sha256 = pretrained.file_sha256(asset)
+    code = (
+        "from eva_utils import pretrained; "
+        f"pretrained.download({misbehaving_server + '/partway'!r}, {sha256!r}, progress=False)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], env=cli_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not cached_files(hub) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.poll() is None and cached_files(hub), "the child wrote no scratch"
+    finally:
+        child.kill()
+        child.wait()
+    folder = pretrained.download(asset.as_uri(), sha256, progress=False)
+    assert cached_files(hub) == [folder / runfolder.BEST]
+
+
+def test_the_partial_file_of_an_earlier_version_is_removed(hub, asset):
+    """Versions that downloaded with torch.hub left ``<asset>.<uuid4 hex>.partial`` files."""
+    partial = hub / "checkpoints" / f"{asset.name}.0123456789abcdef0123456789abcdef.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(asset.read_bytes()[:100])
+    folder = pretrained.download(asset.as_uri(), pretrained.file_sha256(asset), progress=False)
+    assert cached_files(hub) == [folder / runfolder.BEST]
+
+
+@pytest.mark.parametrize("problem", ["a file in its place", "read-only", "a size limit"])
+def test_an_unwritable_cache_is_named_instead_of_the_network(hub, asset, problem):
+    """A read-only or full cache folder is said to be one, not a network problem. A full
+    disk is stood in for by a file size limit (EFBIG where a full disk gives ENOSPC)."""
+    cache = hub / "checkpoints"
+    sha256 = pretrained.file_sha256(asset)
+    download = functools.partial(pretrained.download, asset.as_uri(), sha256, progress=False)
+    if problem == "a file in its place":
+        hub.parent.mkdir(parents=True)
+        hub.write_text("not a folder")
+        error = pytest.raises(CheckpointError, download).value
+    elif problem == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        cache.mkdir(parents=True)
+        cache.chmod(0o555)
+        try:
+            error = pytest.raises(CheckpointError, download).value
+        finally:
+            cache.chmod(0o755)
+    else:
+        resource = pytest.importorskip("resource", reason="no file size limits (not POSIX)")
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        # past the limit a write fails with EFBIG, instead of the signal ending this process
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (asset.stat().st_size // 2, limits[1]))
+        try:
+            error = pytest.raises(CheckpointError, download).value
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, handler)
+    message = str(error)
+    assert str(cache) in message and "\n" not in message
+    assert "network" not in message and pretrained.URL_ENV not in message
+    assert hub.is_file() or cached_files(hub) == []
 
 
 # --- the notebooks -----------------------------------------------------------------------------

@@ -37,12 +37,12 @@ test: $(STAMP)
 	EVA_SMOKE=1 $(PY) -m pytest --nbval-lax tests notebooks
 
 lint: $(STAMP)
-	$(PY) -m ruff check eva_utils tests benchmarks
-	$(PY) -m ruff format --check eva_utils tests benchmarks
+	$(PY) -m ruff check eva_utils tests benchmarks tools
+	$(PY) -m ruff format --check eva_utils tests benchmarks tools
 
 format: $(STAMP)
-	$(PY) -m ruff format eva_utils tests benchmarks
-	$(PY) -m ruff check --fix eva_utils tests benchmarks
+	$(PY) -m ruff format eva_utils tests benchmarks tools
+	$(PY) -m ruff check --fix eva_utils tests benchmarks tools
 
 ## redraw every README image from the committed metrics.json and analysis.json (no training,
 ## no checkpoint); the gallery of mistakes reads the run's test set (or DATA=path/to/cifar10.tar.gz)
@@ -66,7 +66,7 @@ notebook-outputs: $(STAMP)
 ## eva_utils/pretrained.py's SHA256; attach it to the release named there
 REFERENCE_CHECKPOINT ?= ../shared/reference-runs/session8-h100/best.pt
 release-asset: $(STAMP)
-	$(PY) -m eva_utils.pretrained $(REFERENCE_CHECKPOINT) --out dist
+	$(PY) tools/release_asset.py $(REFERENCE_CHECKPOINT) --out dist
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/throughput.py

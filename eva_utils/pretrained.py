@@ -18,24 +18,21 @@ that names torchvision's files: ``eva8-session8-h100-<sha256[:8]>/best.pt``, whi
 nothing. A server that stops answering for :data:`TIMEOUT_SECONDS` (to connect, or between two
 reads) ends the download in one line; a slow one that keeps sending does not.
 
-``make release-asset`` (``python -m eva_utils.pretrained CHECKPOINT --out dist``) writes the
-asset from a checkpoint and prints its size and sha256: byte for byte the same file on every
-run (with the same torch version), so :data:`SHA256` is that digest.
+``make release-asset`` (``tools/release_asset.py``, a maintainer's tool outside the package)
+writes the asset from a checkpoint and prints its size and sha256: byte for byte the same file
+on every run (with the same torch version), so :data:`SHA256` is that digest.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import http.client
 import importlib.metadata
-import io
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
@@ -44,7 +41,7 @@ import torch
 from .errors import CheckpointError
 from .files import atomic_write, remove_dead_scratch
 from .progress import redraws, tqdm
-from .runfolder import BEST, load_checkpoint
+from .runfolder import BEST
 
 DISTRIBUTION = "eva8"  # the package whose metadata names the repository
 RELEASE_TAG = "session8-h100"
@@ -189,57 +186,3 @@ def _reading(url: str, sha256: str) -> Iterator[None]:
             f"could not download the trained model from {url} ({reason}): check the network, "
             f"or set {URL_ENV} to a copy of {asset_name(sha256)}"
         ) from None
-
-
-# --- the release asset -------------------------------------------------------------------------
-
-
-def half_precision(state: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint ``state`` with its floating-point weights in fp16 (integer counters kept).
-    Raises CheckpointError if a weight is beyond fp16's range."""
-    model = {
-        name: tensor.half() if tensor.is_floating_point() else tensor
-        for name, tensor in state["model"].items()
-    }
-    overflow = [
-        name for name, t in model.items() if t.is_floating_point() and not t.isfinite().all()
-    ]
-    if overflow:
-        raise CheckpointError(f"{overflow[0]} does not fit in fp16: keep this checkpoint in fp32")
-    return {**state, "model": model}
-
-
-def write_asset(source: str | Path, out: str | Path) -> Path:
-    """Write the release asset of the checkpoint ``source`` (weights in fp16) into the folder
-    ``out``, named with its sha256 prefix; returns its path."""
-    state = half_precision(load_checkpoint(Path(source)))
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # the eva8 checkpoint format, as read back by load_checkpoint
-    data = buffer.getvalue()
-    path = Path(out) / asset_name(hashlib.sha256(data).hexdigest())
-    atomic_write(path, lambda file: file.write(data))
-    return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m eva_utils.pretrained",
-        description="Write the trained model's release asset (weights in fp16) from a checkpoint.",
-    )
-    parser.add_argument("checkpoint", help="an eva8 best.pt, e.g. the reference run's")
-    parser.add_argument("--out", default="dist", help="folder for the asset (default: dist)")
-    args = parser.parse_args(argv)
-    try:
-        path = write_asset(args.checkpoint, args.out)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    digest = file_sha256(path)
-    pinned = "the pinned SHA256" if digest == SHA256 else "NOT the pinned SHA256"
-    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {digest} ({pinned})")
-    print(f"attach it to the release {RELEASE_TAG} as {path.name}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,12 @@
-"""The trained model's release asset and its download: built from a made-up checkpoint, served
-from a local URL (``file://`` or an HTTP server on 127.0.0.1) into a temporary torch.hub cache.
-Offline: no test reaches the repository's real release."""
+"""The trained model's release asset (``tools/release_asset.py``) and its download: built from a
+made-up checkpoint, served from a local URL (``file://`` or an HTTP server on 127.0.0.1) into a
+temporary torch.hub cache. Offline: no test reaches the repository's real release."""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import importlib.util
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -30,6 +32,18 @@ from .conftest import ROOT, cli_env
 
 REFERENCE_BEST = ROOT.parent / "shared" / "reference-runs" / "session8-h100" / "best.pt"
 CONFIG = get_preset("session8").replace(data="synthetic", device="cpu")
+RELEASE_ASSET = ROOT / "tools" / "release_asset.py"
+
+
+def load_script(path: Path) -> ModuleType:
+    """The script at ``path`` as a module (``tools/`` is no package; sys.path is left alone)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+release_asset = load_script(RELEASE_ASSET)
 
 
 def write_best(folder: Path, model: dict[str, torch.Tensor]) -> Path:
@@ -65,7 +79,9 @@ def hub(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def asset(tmp_path) -> Path:
-    return pretrained.write_asset(write_best(tmp_path / "run", tiny_weights()), tmp_path / "dist")
+    return release_asset.write_asset(
+        write_best(tmp_path / "run", tiny_weights()), tmp_path / "dist"
+    )
 
 
 @pytest.fixture
@@ -179,7 +195,7 @@ def test_asset_name_carries_its_sha256_prefix(asset):
 
 
 def test_asset_is_byte_for_byte_reproducible(tmp_path, asset):
-    again = pretrained.write_asset(tmp_path / "run" / runfolder.BEST, tmp_path / "again")
+    again = release_asset.write_asset(tmp_path / "run" / runfolder.BEST, tmp_path / "again")
     assert again.name == asset.name
     assert again.read_bytes() == asset.read_bytes()
 
@@ -187,16 +203,28 @@ def test_asset_is_byte_for_byte_reproducible(tmp_path, asset):
 def test_a_weight_beyond_fp16_is_refused(tmp_path):
     best = write_best(tmp_path / "run", {"linear.weight": torch.tensor([1.0, 70000.0])})
     with pytest.raises(CheckpointError, match="linear.weight does not fit in fp16"):
-        pretrained.write_asset(best, tmp_path / "dist")
+        release_asset.write_asset(best, tmp_path / "dist")
 
 
 @pytest.mark.skipif(not REFERENCE_BEST.is_file(), reason=f"no reference run at {REFERENCE_BEST}")
 def test_pinned_sha256_is_what_make_release_asset_writes(tmp_path):
     """The published asset is the reference run's best.pt in fp16, written by this code (with
     this torch's file format: after a torch upgrade, a failure here means a new asset)."""
-    asset = pretrained.write_asset(REFERENCE_BEST, tmp_path)
+    asset = release_asset.write_asset(REFERENCE_BEST, tmp_path)
     assert pretrained.file_sha256(asset) == pretrained.SHA256
     assert asset.name == pretrained.asset_name()
+
+
+def test_release_asset_tool_writes_the_asset_and_prints_its_sha256(tmp_path):
+    """``make release-asset`` runs the script as a file, outside the package."""
+    best = write_best(tmp_path / "run", tiny_weights())
+    command = [sys.executable, str(RELEASE_ASSET), str(best), "--out", str(tmp_path / "dist")]
+    done = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (asset,) = (tmp_path / "dist").iterdir()
+    digest = pretrained.file_sha256(asset)
+    assert f"{asset}: 0.0 MB, sha256 {digest} (NOT the pinned SHA256)" in done.stdout
+    assert f"attach it to the release {pretrained.RELEASE_TAG} as {asset.name}" in done.stdout
 
 
 # --- the address -------------------------------------------------------------------------------
@@ -406,7 +434,7 @@ def test_notebook_uses_the_download_when_no_local_copy_exists(
 ):
     """The notebook's model is the download, read back into fp32: the fp16-rounded weights."""
     model = build_model(CONFIG, len(CIFAR10_CLASSES)).state_dict()
-    asset = pretrained.write_asset(write_best(tmp_path / "reference", model), tmp_path / "dist")
+    asset = release_asset.write_asset(write_best(tmp_path / "reference", model), tmp_path / "dist")
     monkeypatch.setenv(pretrained.URL_ENV, asset.as_uri())
     monkeypatch.setattr(pretrained, "SHA256", pretrained.file_sha256(asset))
     trained = notebook.trained_or_untrained()

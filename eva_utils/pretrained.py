@@ -99,12 +99,11 @@ def download(url: str | None = None, sha256: str | None = None, progress: bool =
         return folder
     url = url or release_url()
     try:
-        _download(url, best, sha256, progress)
+        _download(url, best, sha256, progress, damaged=cached)
     except CheckpointError as error:
         if cached:  # but changed since it was downloaded
-            raise CheckpointError(
-                f"{best} failed its sha256 check and was removed; {error}"
-            ) from None
+            removed = "" if best.exists() else " and was removed"
+            raise CheckpointError(f"{best} failed its sha256 check{removed}; {error}") from None
         raise
     return folder
 
@@ -117,12 +116,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _download(url: str, best: Path, sha256: str, progress: bool) -> None:
-    """Download ``url`` into ``best`` (a run folder in the cache), replacing what is there, if
-    its sha256 is ``sha256``; else raise CheckpointError and keep nothing."""
+def _download(url: str, best: Path, sha256: str, progress: bool, damaged: bool) -> None:
+    """Download ``url`` into ``best`` (a run folder in the cache) if its sha256 is ``sha256``;
+    else raise CheckpointError and keep nothing. A ``damaged`` ``best`` is removed first."""
     folder = best.parent
     try:
-        best.unlink(missing_ok=True)  # a damaged copy goes, whether or not a download follows
+        if damaged:  # it goes, whether or not a download replaces it
+            best.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         # what killed downloads left: their scratch (.best.pt.XXXX.<pid>.tmp), and the .partial
         # files of earlier versions (torch.hub.download_url_to_file's, beside the folder)

@@ -186,13 +186,25 @@ def holds_run(path: str | Path) -> bool:
 
 def epochs_done(path: str | Path) -> int:
     """How many epochs the run in folder ``path`` has finished and saved: 0 without a
-    ``last.pt``, else the epochs its ``metrics.json`` records (read without loading the
-    checkpoint). :meth:`RunFolder.save` writes metrics.json after last.pt, so it never counts an
-    epoch that last.pt does not hold."""
+    ``last.pt``, else the epochs that both its ``metrics.json`` and its ``last.pt`` record.
+    :meth:`RunFolder.save` writes last.pt first, so a crash between the two leaves metrics.json
+    behind; older versions wrote them the other way round. Either way the run counts as
+    unfinished, and resuming it makes the files agree. Cheap: last.pt's history is read with its
+    tensors memory-mapped, not loaded."""
     path = Path(path)
     if not holds_run(path) or not (path / METRICS).is_file():
         return 0
-    return len(read_metrics(path / METRICS)["history"])
+    return min(len(read_metrics(path / METRICS)["history"]), _checkpoint_epochs(path / LAST))
+
+
+def _checkpoint_epochs(path: Path) -> int:
+    """The epochs in the history of checkpoint ``path``; 0 if it cannot be read (resuming it
+    then says why)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return len(state["history"])
+    except Exception:  # a truncated, foreign or old-style file: torch raises many kinds
+        return 0
 
 
 @dataclass
@@ -283,10 +295,10 @@ class RunFolder:
 
         ``state`` is :meth:`state.TrainingState.state_dict`. metrics.json goes last, so that it
         never records an epoch that last.pt (what a resume starts from) does not hold: a crash
-        between the writes leaves last.pt one epoch ahead, and the resumed run rewrites
-        metrics.json from it. A write that fails (disk full, read-only folder) raises
-        CheckpointError and leaves the files it would replace. Ctrl-C and SIGTERM wait until the
-        writes are done.
+        between the writes leaves last.pt one epoch ahead, :func:`epochs_done` counts the run as
+        unfinished, and the resumed run rewrites metrics.json from it. A write that fails (disk
+        full, read-only folder) raises CheckpointError and leaves the files it would replace.
+        Ctrl-C and SIGTERM wait until the writes are done.
         """
         history = state["history"]
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_utils import files, get_preset, runfolder
+from eva_utils import files, get_preset, runfolder, sweeps
 from eva_utils.errors import Interrupted
 from eva_utils.training import fit
 
@@ -232,3 +232,72 @@ def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(tmp_path, m
         == "eva8: stopped in epoch 1; no epoch had finished, nothing to resume\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+# --- a crash between the files of one epoch (issue 25 item 3) ---------------------------------
+
+CRASH_AFTER = """
+import os, signal, sys
+from pathlib import Path
+from eva_utils import get_preset, runfolder, sweeps
+
+real_checkpoint, real_metrics = runfolder.save_checkpoint, runfolder.write_metrics
+
+def die_after(path, epoch):
+    if path.name == sys.argv[2] and epoch == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # between this file and the next one
+
+def save_checkpoint(state, path):
+    real_checkpoint(state, path)
+    die_after(path, len(state.get("history", ())))
+
+def write_metrics(path, config, history, environment):
+    real_metrics(path, config, history, environment)
+    die_after(path, len(history))
+
+runfolder.save_checkpoint, runfolder.write_metrics = save_checkpoint, write_metrics
+config = get_preset("session8").replace(
+    data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=1, device="cpu",
+    epochs=2,
+)
+sweeps.sweep(config, {"dropout": [0.0]}, [1], out=sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.parametrize("written", [runfolder.LAST, runfolder.METRICS])
+def test_a_sweep_killed_between_the_files_of_an_epoch_is_finished_by_its_rerun(written, tmp_path):
+    """SIGKILL right after epoch 2's ``written`` (a hook, not a race; whichever of last.pt and
+    metrics.json goes first, the other is then one epoch behind): the rerun of the sweep must see
+    the run as unfinished and complete it with the numbers of an unbroken run."""
+    config = TINY  # 2 epochs: the crash is in the last one, after which a run looks complete
+    killed = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER, str(tmp_path / "sweep"), written], env=cli_env(),
+        timeout=TIMEOUT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (run,) = sweeps.plan(config, {"dropout": [0.0]}, [1], tmp_path / "sweep")
+    sweeps.sweep(config, {"dropout": [0.0]}, [1], out=tmp_path / "sweep", progress=False)
+    full = fit(run.config, progress=False)
+    metrics = runfolder.read_metrics(run.folder / runfolder.METRICS)
+    assert without_seconds(metrics["history"]) == without_seconds(full)
+    assert saved_epochs(run.folder) == [1, 2]
+    assert set(leftovers(run.folder)) <= {runfolder.LOCK}  # a killed holder's, unlocked
+
+
+def test_a_sweep_rerun_finishes_a_run_whose_checkpoint_is_behind_its_metrics(tmp_path):
+    """metrics.json one epoch ahead of last.pt (as older versions left it after a crash): the
+    run is not complete, and the rerun trains the epoch that last.pt lacks."""
+    (run,) = sweeps.plan(TINY, {"dropout": [0.0]}, [1], tmp_path)
+    fake_checkpoint(run.config, run.folder, epochs=1)
+    metrics = runfolder.read_metrics(run.folder / runfolder.METRICS)
+    ahead = [*metrics["history"], {**metrics["history"][0], "epoch": 2}]
+    runfolder.write_metrics(
+        run.folder / runfolder.METRICS, run.config, ahead, metrics["environment"]
+    )
+    (run,) = sweeps.plan(TINY, {"dropout": [0.0]}, [1], tmp_path)
+    assert not run.complete
+
+    sweeps.sweep(TINY, {"dropout": [0.0]}, [1], out=tmp_path, progress=False)
+    assert saved_epochs(run.folder) == [1, 2]
+    history = runfolder.read_metrics(run.folder / runfolder.METRICS)["history"]
+    assert [row["seconds"] for row in history][0] == 1.0 and history[1]["seconds"] != 1.0

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 from .config import PRESETS, Config, get_preset, parse_field
-from .errors import ConfigError, EvaError, Interrupted, command_line_words
+from .errors import ConfigError, EvaError, Interrupted, RunFileError, command_line_words
 from .files import check_output_folder
 from .signals import sigterm_as_interrupt
 
@@ -275,7 +275,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         again = "python -m eva_utils " + shlex.join(args.argv)
         failed = train_planned(runs, parallel=args.parallel, progress=not args.quiet, again=again)
         total = len(runs)
-    summary = write_summary(out)
+    try:
+        summary = write_summary(out)
+    except RunFileError:
+        if failed:  # no run saved an epoch: the failure is the news, not the empty summary
+            raise failure(failed, total, summarised=False) from None
+        raise
     print(sweep_table(summary))
     print(f"wrote {out / SWEEP_JSON}, {out / SWEEP_PNG}")
     if failed:

@@ -238,16 +238,24 @@ def sweep(
     continues: complete runs are skipped, interrupted ones resumed."""
     runs = plan(config, grid, seeds, out)
     failed = train_planned(runs, parallel=parallel, progress=progress)
-    summary = write_summary(out)
+    try:
+        summary = write_summary(out)
+    except RunFileError:
+        if failed:  # no run saved an epoch: the failure is the news, not the empty summary
+            raise failure(failed, len(runs), summarised=False) from None
+        raise
     if failed:
         raise failure(failed, len(runs))
     return summary
 
 
-def failure(failed: Sequence[tuple[PlannedRun, str]], total: int) -> EvaError:
+def failure(
+    failed: Sequence[tuple[PlannedRun, str]], total: int, summarised: bool = True
+) -> EvaError:
     """One line for the runs that failed: how many, and the first one's reason."""
     run, why = failed[0]
+    summary = "the others are summarised" if summarised else "no run saved an epoch to summarise"
     return EvaError(
-        f"{len(failed)} of {total} runs failed; {run.folder}: {why} (the others are summarised; "
-        "rerun the sweep to retry them)"
+        f"{len(failed)} of {total} runs failed; {run.folder}: {why} ({summary}; rerun the sweep "
+        "to retry them)"
     )

@@ -26,6 +26,7 @@ from .plots import plot_sweep, save_figure
 from .progress import tqdm
 from .results import SWEEP_JSON, summarize_sweep
 from .runfolder import epochs_done, holds_run
+from .signals import ends_with_this_process
 from .training import fit
 
 SWEEP_PNG = "sweep.png"
@@ -196,7 +197,8 @@ def _log(run: PlannedRun) -> Path:
 
 def _start(run: PlannedRun) -> subprocess.Popen:
     """``python -m eva_utils train`` for ``run`` (resuming what its folder holds), its output
-    appended to its log. A session of its own: Ctrl-C reaches the sweep, which stops it."""
+    appended to its log. A session of its own: Ctrl-C reaches the sweep, which stops it; and
+    it ends when the sweep ends, whatever ends the sweep (``ends_with_this_process``)."""
     where = ["--resume", str(run.folder)] if holds_run(run.folder) else ["--out", str(run.folder)]
     command = [sys.executable, "-m", "eva_utils", "train", "--quiet", *where,
                *field_flags(run.config)]  # fmt: skip
@@ -204,7 +206,8 @@ def _start(run: PlannedRun) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as output:
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True,
+                                preexec_fn=ends_with_this_process())  # fmt: skip
 
 
 def _last_line(path: Path) -> str:

@@ -4,6 +4,7 @@ numbers of an uninterrupted run, and no temporary file may stay in the run folde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -301,3 +302,64 @@ def test_a_sweep_rerun_finishes_a_run_whose_checkpoint_is_behind_its_metrics(tmp
     assert saved_epochs(run.folder) == [1, 2]
     history = runfolder.read_metrics(run.folder / runfolder.METRICS)["history"]
     assert [row["seconds"] for row in history][0] == 1.0 and history[1]["seconds"] != 1.0
+
+
+# --- the children of a parallel sweep end with it (issue 25 item 5) ---------------------------
+
+PARALLEL_SWEEP = """
+import sys
+from eva_utils import get_preset, sweeps
+config = get_preset("session8").replace(
+    data="synthetic", train_size=32, test_size=10, batch_size=4, device="cpu", epochs=500,
+)
+sweeps.sweep(config, {"dropout": [0.0, 0.1]}, [1], out=sys.argv[1], parallel=2, progress=False)
+"""
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The pid that ``folder``'s lock file names, once it names one."""
+    try:
+        return json.loads((folder / runfolder.LOCK).read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def lock_is_free(folder: Path) -> bool:
+    import fcntl
+
+    if not (folder / runfolder.LOCK).exists():  # its holder stopped and removed it
+        return True
+    with open(folder / runfolder.LOCK, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(file, fcntl.LOCK_UN)
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="children follow their parent on Linux")
+def test_killing_a_parallel_sweep_with_sigkill_ends_its_children(tmp_path):
+    """The parent gets SIGKILL (no handler can run) while both children train: they must end
+    within seconds and free their run folders, so that the rerun is not locked out."""
+    parent = subprocess.Popen([sys.executable, "-c", PARALLEL_SWEEP, str(tmp_path)], env=cli_env())
+    runs = sweeps.plan(TINY.replace(train_size=32, batch_size=4, epochs=500, max_batches=None),
+                       {"dropout": [0.0, 0.1]}, [1], tmp_path)  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT
+    while not all(lock_holder(run.folder) for run in runs):
+        assert parent.poll() is None, "the sweep ended before its children started"
+        assert time.monotonic() < deadline, "the children never started"
+        time.sleep(0.1)
+    assert not any(lock_is_free(run.folder) for run in runs), "a child did not take its lock"
+    children = [lock_holder(run.folder) for run in runs]
+    parent.kill()
+    parent.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(lock_is_free(run.folder) for run in runs):
+            assert time.monotonic() < deadline, "the children outlived their parent by a minute"
+            time.sleep(0.2)
+    finally:  # leave no orphan behind, even when the test fails
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -282,6 +282,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             raise failure(failed, total, summarised=False) from None
         raise
     print(sweep_table(summary))
+    for skipped in summary["skipped"]:
+        print(f"skipped {out / skipped['run']}: {skipped['why']}")
     print(f"wrote {out / SWEEP_JSON}, {out / SWEEP_PNG}")
     if failed:
         raise failure(failed, total)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from .training import fit
 
 SWEEP_PNG = "sweep.png"
 LOGS = "logs"  # the sweep folder's logs/<run>.log: the output of each run trained in a subprocess
+MAX_RUNS = 1000  # a sweep's cells x seeds: more is a typo (100^4), not a plan for one machine
 POLL_SECONDS = 0.5  # how often the parallel runs' progress and exits are looked at
 Grid = Mapping[str, Sequence[Any]]
 
@@ -86,7 +88,19 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
         grid[name] = [
             parse_field(name, value.replace("+", ","), source=f"--grid {name}") for value in values
         ]
+        check_distinct(name, grid[name], f"--grid {spec}")
     return grid
+
+
+def check_distinct(name: str, values: Sequence[Any], given: str) -> None:
+    """Refuse a grid whose values of ``name`` repeat (``0`` and ``0.0`` are one value): both
+    cells would train one folder at once."""
+    for index, value in enumerate(values):
+        if value in values[:index]:
+            raise ConfigError(
+                f"{given}: {name} {value!r} is given twice (the runs would share a folder); give "
+                "each value once"
+            )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -102,20 +116,33 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
     """Every cell x seed of the sweep: ``config`` with the cell's grid values and the seed, in
     ``out/<recipe name>``, with the epochs that folder holds already. Every recipe is checked
     before anything trains."""
-    for name in grid:
+    for name, values in grid.items():
         check_grid_field(name)
+        check_distinct(name, list(values), f"the grid's {name}")
     if not seeds:
         raise ConfigError("a sweep needs at least one seed")
-    runs = []
+    count = math.prod(len(values) for values in grid.values()) * len(seeds)
+    if count > MAX_RUNS:
+        sizes = " x ".join(str(len(values)) for values in [*grid.values(), seeds])
+        raise ConfigError(
+            f"the sweep has {count:,} runs ({sizes} values x seeds), more than the {MAX_RUNS:,} "
+            "one sweep may plan: give fewer values, or split it into several sweeps"
+        )
+    runs, cells = [], {}
     for values in itertools.product(*grid.values()):
         cell = dict(zip(grid, values))
+        shown = ", ".join(f"{name}={value}" for name, value in cell.items())
         for seed in seeds:
             try:
                 run_config = config.replace(**cell, seed=seed)
             except ConfigError as error:
-                shown = ", ".join(f"{name}={value}" for name, value in cell.items())
                 raise ConfigError(f"the grid cell {shown}: {error}") from None
             folder = Path(out) / recipe_name(run_config)
+            if cells.setdefault(folder, shown) != shown:
+                raise ConfigError(
+                    f"the grid cells {cells[folder]} and {shown} are one recipe ({folder.name}): "
+                    "give values that train different runs"
+                )
             runs.append(PlannedRun(run_config, folder, epochs_done(folder)))
     return runs
 

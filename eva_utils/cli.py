@@ -191,6 +191,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .data import check_out_of_data
     from .plots import save_history_figures
     from .results import summarize_history, target_reached
     from .runfolder import BEST, LAST, METRICS, RunFolder
@@ -221,6 +222,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise EvaError("train needs --out runs/NAME (or --resume runs/NAME)")
     else:
         out, config = args.out, config_from_args(args)
+        check_out_of_data(out, config.data)
         # Before loading any data: refusing takes a second, not a data set's loading time.
         with RunFolder.open(out) as folder:
             history = fit(config, out=folder, progress=not args.quiet)

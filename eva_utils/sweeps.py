@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import GRID_FIELDS, Config, field_flags, parse_field, recipe_name
+from .data import check_out_of_data
 from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged
 from .files import atomic_write_json
 from .plots import plot_sweep, save_figure
@@ -121,6 +122,7 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
         check_distinct(name, list(values), f"the grid's {name}")
     if not seeds:
         raise ConfigError("a sweep needs at least one seed")
+    check_out_of_data(out, config.data)
     count = math.prod(len(values) for values in grid.values()) * len(seeds)
     if count > MAX_RUNS:
         sizes = " x ".join(str(len(values)) for values in [*grid.values(), seeds])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, divergence_advice, preset_name
-from .data import ImageSet
+from .data import ImageSet, check_out_of_data
 from .devices import describe, environment
 from .errors import ConfigError, Interrupted, TrainingDiverged, resume_command, spelled
 from .progress import epoch_bar, note
@@ -79,6 +79,7 @@ def _opened(
         if resume:
             raise ConfigError("resume needs the run folder (out=...)")
         return contextlib.nullcontext()
+    check_out_of_data(out, config.data)
     folder = RunFolder.open(out, resume=resume)
     try:
         folder.check_recipe(config)

@@ -14,7 +14,14 @@ from typing import Any
 from .config import Config, divergence_advice, preset_name
 from .data import ImageSet, check_out_of_data
 from .devices import describe, environment
-from .errors import ConfigError, Interrupted, TrainingDiverged, resume_command, spelled
+from .errors import (
+    ConfigError,
+    Interrupted,
+    TrainingDiverged,
+    option,
+    resume_command,
+    spelled,
+)
 from .progress import epoch_bar, note
 from .ranks import Ranks
 from .results import describe_data
@@ -57,6 +64,8 @@ def fit(
             state = TrainingState(config, datasets, progress and ranks.is_main)
             if folder is not None and folder.state is not None:
                 state.load_state_dict(folder.state)
+                if change := precision_change(state):
+                    note(change, ranks.is_main)
                 if folder.epochs_done != len(state.history) and ranks.is_main:
                     # killed between writing last.pt and metrics.json: make them agree again
                     folder.save(state.state_dict(), environment(state.device))
@@ -113,6 +122,18 @@ def _loop(
         ranks.wait_for_everyone()
         if on_epoch is not None:
             on_epoch(row)
+
+
+def precision_change(state: TrainingState) -> str:
+    """The line that says a resumed run now computes in another number format than its last
+    epoch did (``precision auto`` on other hardware: bf16 on an A100, fp16 on a T4), or ""."""
+    before, now = state.history[-1].get("precision") if state.history else None, state.precision
+    if before is None or before == now.name:  # older runs did not record it: nothing to compare
+        return ""
+    return (
+        f"note: this run continues in {now.name} ({option('precision', state.config.precision)} "
+        f"on this hardware); its epochs up to {len(state.history)} were trained in {before}"
+    )
 
 
 def start_line(state: TrainingState, folder: RunFolder | None) -> str:
@@ -206,6 +227,7 @@ def _train_and_test(state: TrainingState, epoch: int, ranks: Ranks) -> Row:
         "test_acc": tested["acc"],
         "lr": lr,
         "seconds": time.perf_counter() - started,
+        "precision": state.precision.name,  # what "auto" resolved to on this epoch's hardware
     }
     state.history.append(row)
     return row

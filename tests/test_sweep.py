@@ -230,3 +230,14 @@ def test_summarize_skips_a_foreign_run_without_a_config_with_a_note(tmp_path, ca
     out = capsys.readouterr().out
     assert f"skipped {tmp_path / 'foreign'}: its metrics.json records no config" in out
     assert json.loads((tmp_path / SWEEP_JSON).read_text())["cells"][0]["runs"] == ["a", "b"]
+
+
+def test_the_sweep_figure_counts_one_seed_as_one_seed(tmp_path):
+    from eva_utils.plots import plot_sweep
+
+    config = get_preset("session8")
+    _record(tmp_path / "a", config.replace(seed=1), [0.80, 0.86])
+    _record(tmp_path / "b", config.replace(seed=1, dropout=0.0), [0.82, 0.84])
+    figure = plot_sweep(summarize_sweep(tmp_path)["cells"])
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert all(label.endswith("(1 seed)") for label in labels[:2]), labels

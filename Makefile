@@ -66,7 +66,7 @@ notebook-outputs: $(STAMP)
 ## eva_utils/pretrained.py's SHA256; attach it to the release named there
 REFERENCE_CHECKPOINT ?= ../shared/reference-runs/session8-h100/best.pt
 release-asset: $(STAMP)
-	$(PY) -m eva_utils.pretrained $(REFERENCE_CHECKPOINT) --out dist
+	$(PY) tools/release_asset.py $(REFERENCE_CHECKPOINT) --out dist
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, Config, add_config_flags, get_preset
-from .errors import ConfigError, EvaError, Interrupted, command_line_words
+from .errors import ConfigError, EvaError, Interrupted, RunFileError, command_line_words
 from .files import check_output_folder
 from .signals import sigterm_as_interrupt
 
@@ -169,6 +169,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .data import check_out_of_data
     from .plots import save_history_figures
     from .results import summarize_history, target_reached
     from .runfolder import BEST, LAST, METRICS, recorded_device
@@ -202,6 +203,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise EvaError("train needs --out runs/NAME (or --resume runs/NAME)")
     else:
         out, config = args.out, config_from_args(args)
+        check_out_of_data(out, config.data)
         ranks = start_ranks(config.device, config.batch_size)
         # Before loading any data: refusing takes a second, not a data set's loading time.
         with open_run_folder(ranks, out, resume=False) as folder:
@@ -268,8 +270,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         again = "python -m eva_utils " + shlex.join(args.argv)
         failed = train_planned(runs, parallel=args.parallel, progress=not args.quiet, again=again)
         total = len(runs)
-    summary = write_summary(out)
+    try:
+        summary = write_summary(out)
+    except RunFileError:
+        if failed:  # no run saved an epoch: the failure is the news, not the empty summary
+            raise failure(failed, total, summarised=False) from None
+        raise
     print(sweep_table(summary))
+    for skipped in summary["skipped"]:
+        print(f"skipped {out / skipped['run']}: {skipped['why']}")
     print(f"wrote {out / SWEEP_JSON}, {out / SWEEP_PNG}")
     if failed:
         raise failure(failed, total)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .archives import DECODED, extract_archive, list_images, split_root
 from .config import Config
-from .errors import DataError, DataFileError, data_hint
+from .errors import ConfigError, DataError, DataFileError, data_hint, option
 from .files import atomic_write, remove_dead_scratch
 
 CIFAR10_CLASSES = (
@@ -245,6 +245,23 @@ def synthetic_cifar10(
         return ImageSet(images, labels, CIFAR10_CLASSES)
 
     return make(train_size), make(test_size)
+
+
+def check_out_of_data(out: str | os.PathLike, data: str | None) -> None:
+    """Refuse a run folder ``out`` inside the data folder ``data``, before any folder is made:
+    a run's folder among the data's would make the data unreadable ("no train/ and test/
+    folders", or a class named after the run)."""
+    if data is None or data == SYNTHETIC:
+        return
+    source = Path(data).expanduser().resolve()
+    if not source.is_dir():  # an archive, or nothing yet: nothing to spoil
+        return
+    target = Path(out).expanduser().resolve()
+    if target == source or source in target.parents:
+        raise ConfigError(
+            f"{option('out')} {out} is inside the data folder {data}: its folders would become "
+            f"part of the data set; choose a run folder outside {data}"
+        )
 
 
 def load_datasets(config: Config) -> tuple[ImageSet, ImageSet]:

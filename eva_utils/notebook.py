@@ -72,6 +72,8 @@ def device_report(name: str = "auto", precision: str = "auto", channels_last: bo
 
 def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
     """The preset with the parameter cell's ``values``, then any environment overrides."""
+    for name, value in values.items():
+        check_type(name, value)
     config = get_preset(preset).replace(**values)
     variables = _override_variables()
     overrides = {name: parse_field(name, os.environ[v], source=v) for v, name in variables.items()}
@@ -87,6 +89,38 @@ def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
             raise
         given = ", ".join(f"{v}={os.environ[v]}" for v in variables)
         raise ConfigError(f"{error} (the environment sets {given})") from None
+
+
+_KINDS = {int: "a whole number", float: "a number", bool: "True or False", str: "text",
+          type(None): "None"}  # fmt: skip
+
+
+def check_type(name: str, value: typing.Any) -> None:
+    """Refuse, in one line, a parameter-cell value of the wrong type for the Config field
+    ``name`` (``epochs='3'``, ``epochs=3.5``, ``nesterov='False'``, ``dropout=None``): Python
+    types, not text to parse. An int is a number; a bool is no number; unknown names are left to
+    ``Config.replace``."""
+    hints = typing.get_type_hints(Config)
+    if name not in hints:
+        return
+    allowed = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is not tuple else ()
+    allowed = [kind for kind in allowed or (hints[name],) if kind in _KINDS]
+    if not allowed:  # augment: a tuple of names, checked by Config
+        return
+
+    def fits(kind: type) -> bool:
+        if kind is float:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, kind)
+
+    if not any(fits(kind) for kind in allowed):
+        wanted = " or ".join(_KINDS[kind] for kind in allowed)
+        default = getattr(Config(), name)
+        raise ConfigError(
+            f"{name}={value!r}: give {wanted} (a Python value, not text), e.g. {name}={default!r}"
+        )
 
 
 def _override_variables() -> dict[str, str]:

@@ -313,6 +313,12 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
     epoch, and the mean test accuracy curve. The content of a sweep's ``sweep.json``."""
     folder = Path(folder)
     runs = [read_recorded_run(path.parent) for path in sorted(folder.glob(f"*/{METRICS}"))]
+    skipped = [
+        {"run": run.name, "why": f"its {METRICS} records no config (not a run of this sweep)"}
+        for run in runs
+        if "seed" not in run.config
+    ]
+    runs = [run for run in runs if "seed" in run.config]
     if not runs:
         raise RunFileError(
             f"{folder} holds no runs (*/{METRICS}): train them with "
@@ -350,6 +356,7 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
         "data": f"{source} (train/test images: {sizes})",
         "hardware": sorted({run.hardware for run in runs}),
         "cells": summaries,
+        "skipped": skipped,
     }
 
 
@@ -361,6 +368,9 @@ def _cell_summary(
     reached = [s["target_epoch"] for s in summaries]
     common = min(len(run.history) for run in members)  # a run still training has fewer epochs
     per_epoch = [[run.history[i]["test_acc"] for run in members] for i in range(common)]
+    lengths = sorted({len(run.history) for run in members})
+    if len(lengths) > 1:  # its spread mixes runs of different lengths: say so where it is read
+        label += f" [runs of {lengths[0]}-{lengths[-1]} epochs]"
     return {
         "label": label,
         "grid": grid,

@@ -4,6 +4,7 @@ through ``state_dict`` and ``load_state_dict``."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -162,6 +163,7 @@ class TrainingState:
                     + f" and {option('max_batches')}, or start a new run with {option('out')}"
                 )
         load_weights(self.model, state, "the checkpoint")
+        check_scaler_state(state["scaler"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -186,6 +188,22 @@ def _world_changed(saved: int, now: int, config: Config) -> str:
         f"normalise {per_norm[1]} images instead of {per_norm[0]}, another recipe; resume it "
         f"with {saved} {processes} (torchrun), or start a new run with {option('out')}"
     )
+
+
+def check_scaler_state(scaler: Any) -> None:
+    """Refuse a gradient scaler's saved state that would break the run: not a dict, or a scale
+    that is not a positive finite number (a NaN scale skips every later step, silently)."""
+    if not isinstance(scaler, dict):
+        raise CheckpointError(
+            f"{LAST}: its gradient scaler state is a {type(scaler).__name__}, not a dict: the "
+            "file was not written by this program; start a new run"
+        )
+    scale = scaler.get("scale")
+    if scale is not None and not (isinstance(scale, int | float) and 0 < scale < math.inf):
+        raise CheckpointError(
+            f"{LAST}: its gradient scaler's scale is {scale!r}, not a positive finite number "
+            "(every later step would be skipped); start a new run"
+        )
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, divergence_advice, preset_name, refuse
-from .data import ImageSet
+from .data import ImageSet, check_out_of_data
 from .devices import describe, environment, select_device
 from .errors import (
     ConfigError,
@@ -70,6 +70,8 @@ def fit(
             state = TrainingState(config, datasets, progress and ranks.is_main, ranks)
             if folder is not None and folder.state is not None:
                 state.load_state_dict(folder.state)
+                if change := precision_change(state):
+                    note(change, ranks.is_main)
                 if folder.epochs_done != len(state.history) and ranks.is_main:
                     # killed between writing last.pt and metrics.json: make them agree again
                     folder.save(state.state_dict(), _environment(state))
@@ -123,6 +125,7 @@ def _opened(
             raise ConfigError(f"resume needs the run folder ({option('out')})")
         yield None
     else:
+        check_out_of_data(out, config.data)
         with open_run_folder(ranks, out, resume) as folder:
             folder.check_recipe(config)
             yield folder
@@ -163,6 +166,18 @@ def _loop(
         ranks.wait_for_everyone()  # no rank goes on before the epoch is saved
         if on_epoch is not None:
             on_epoch(row)
+
+
+def precision_change(state: TrainingState) -> str:
+    """The line that says a resumed run now computes in another number format than its last
+    epoch did (``precision auto`` on other hardware: bf16 on an A100, fp16 on a T4), or ""."""
+    before, now = state.history[-1].get("precision") if state.history else None, state.precision
+    if before is None or before == now.name:  # older runs did not record it: nothing to compare
+        return ""
+    return (
+        f"note: this run continues in {now.name} ({option('precision', state.config.precision)} "
+        f"on this hardware); its epochs up to {len(state.history)} were trained in {before}"
+    )
 
 
 def start_line(state: TrainingState, folder: RunFolder | None) -> str:
@@ -257,6 +272,7 @@ def _train_and_test(state: TrainingState, epoch: int, ranks: Ranks) -> Row:
         "test_acc": tested["acc"],
         "lr": lr,
         "seconds": time.perf_counter() - started,
+        "precision": state.precision.name,  # what "auto" resolved to on this epoch's hardware
     }
     state.history.append(row)
     return row

@@ -33,9 +33,9 @@ ablation: $(STAMP)
 		--seeds 1,2,3 --out $(ABLATION) --parallel $(PARALLEL) $(if $(DATA),--data $(DATA)) $(ARGS)
 
 ## the whole suite: unit tests, CLI tests, real-data tests (if ../shared/data exists), notebooks under nbval;
-## one pytest-xdist worker per core, each notebook and each group of tests sharing a trained run on one
+## one pytest-xdist worker per core, each file (a notebook's cells, a module's shared trained run) on one
 test: $(STAMP)
-	EVA_SMOKE=1 $(PY) -m pytest -n auto --dist loadgroup --nbval-lax tests notebooks
+	EVA_SMOKE=1 $(PY) -m pytest -n auto --dist loadfile --nbval-lax tests notebooks
 
 lint: $(STAMP)
 	$(PY) -m ruff check eva_utils tests benchmarks tools

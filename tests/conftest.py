@@ -37,14 +37,6 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def pytest_collection_modifyitems(items):
-    """The real-data tests go to one pytest-xdist worker (``--dist loadgroup``), which loads the
-    data set once; the modules whose tests share a trained run group them the same way."""
-    for item in items:
-        if "real_cifar10" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("real-cifar10"))
-
-
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Archives that tests extract go to a per-session temporary cache, not ~/.cache/eva8."""

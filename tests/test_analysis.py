@@ -23,8 +23,6 @@ from eva_utils.cli import main
 from eva_utils.data import synthetic_cifar10
 from eva_utils.loaders import DeviceLoader
 
-# One pytest-xdist worker runs the module (--dist loadgroup): it trains the module's run once.
-pytestmark = pytest.mark.xdist_group("analysis")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("misclassified.png", "confusion_matrix.png", "per_class_accuracy.png", "erf.png")
 # true:      0  0  1  2  2  2

@@ -25,8 +25,6 @@ from eva_utils.data import ImageSet
 from eva_utils.errors import DataError
 from eva_utils.receptive_fields import RFRow
 
-# One pytest-xdist worker runs the module (--dist loadgroup): it trains the module's run once.
-pytestmark = pytest.mark.xdist_group("figures")
 HISTORY_PNGS = {"validation_loss.png", "validation_accuracy.png"}
 ANALYSIS_PNGS = {"misclassified.png", "confusion_matrix.png", "per_class_accuracy.png", "erf.png"}
 REPORT_KEYS = {

@@ -67,8 +67,7 @@ def interrupted_and_resumed(config, out: Path, **resume_changes) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The uninterrupted run of each case, trained once per module (per pytest-xdist worker: the
-    tests that read a case share its :func:`reads_uninterrupted` mark): (history, run folder)."""
+    """The uninterrupted run of each case, trained once per module: (history, run folder)."""
     cache = {}
 
     def get(name: str) -> tuple[list[dict], Path]:
@@ -80,13 +79,7 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-def reads_uninterrupted(name: str) -> pytest.MarkDecorator:
-    """The tests that read the uninterrupted run of case ``name`` run on one pytest-xdist worker
-    (``--dist loadgroup``), which trains it once."""
-    return pytest.mark.xdist_group(f"uninterrupted-{name}")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=reads_uninterrupted(n)) for n in CASES])
+@pytest.mark.parametrize("name", CASES)
 def test_resumed_run_repeats_the_uninterrupted_run_exactly(name, uninterrupted, tmp_path):
     full, full_out = uninterrupted(name)
     resumed = interrupted_and_resumed(CASES[name], tmp_path / "run")
@@ -101,7 +94,6 @@ def test_resumed_run_repeats_the_uninterrupted_run_exactly(name, uninterrupted, 
     assert ours["scaler"] == theirs["scaler"]
 
 
-@reads_uninterrupted("session8-fp16")
 def test_fp16_run_saves_its_gradient_scaler_in_last_pt(uninterrupted):
     _, out = uninterrupted("session8-fp16")
     scaler = runfolder.load_checkpoint(out / runfolder.LAST)["scaler"]
@@ -111,7 +103,6 @@ def test_fp16_run_saves_its_gradient_scaler_in_last_pt(uninterrupted):
     assert scaler["_growth_tracker"] > 0  # its successful steps since the last change of scale
 
 
-@reads_uninterrupted("session8")
 def test_resuming_a_finished_run_trains_nothing_and_returns_its_history(uninterrupted):
     full, out = uninterrupted("session8")
     before = (out / runfolder.LAST).stat().st_mtime_ns
@@ -152,7 +143,6 @@ def test_resume_refuses_data_with_other_classes(tmp_path):
         fit(CASES["session8"], out=tmp_path / "run", resume=True, datasets=three, progress=False)
 
 
-@pytest.mark.xdist_group("two-trainings-at-once")  # never beside the other such test
 def test_cli_resume_with_more_epochs_repeats_the_uninterrupted_run(tmp_path):
     """session8 (StepLR) through the CLI: 2 epochs, then --resume --epochs 3, equals 3 epochs.
     (The onecycle recipe cannot be lengthened: the CLI kill tests resume it after a signal.)"""

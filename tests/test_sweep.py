@@ -172,7 +172,6 @@ def test_ctrl_c_stops_the_sweep_and_says_how_to_continue(tmp_path, capsys, monke
     assert lines[0].endswith("continue with: python -m eva_utils sweep " + " ".join(argv[1:]))
 
 
-@pytest.mark.xdist_group("two-trainings-at-once")  # never beside the other such test
 def test_parallel_runs_share_an_empty_data_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -32,9 +32,10 @@ ablation: $(STAMP)
 	$(PY) -m eva_utils sweep --preset session8 --grid num_splits=1,2,4,8 --grid dropout=0,0.1 \
 		--seeds 1,2,3 --out $(ABLATION) --parallel $(PARALLEL) $(if $(DATA),--data $(DATA)) $(ARGS)
 
-## the whole suite: unit tests, CLI tests, real-data tests (if ../shared/data exists), notebooks under nbval
+## the whole suite: unit tests, CLI tests, real-data tests (if ../shared/data exists), notebooks under nbval;
+## one pytest-xdist worker per core, each file (a notebook's cells, a module's shared trained run) on one
 test: $(STAMP)
-	EVA_SMOKE=1 $(PY) -m pytest --nbval-lax tests notebooks
+	EVA_SMOKE=1 $(PY) -m pytest -n auto --dist loadfile --nbval-lax tests notebooks
 
 lint: $(STAMP)
 	$(PY) -m ruff check eva_utils tests benchmarks tools
@@ -66,7 +67,7 @@ notebook-outputs: $(STAMP)
 ## eva_utils/pretrained.py's SHA256; attach it to the release named there
 REFERENCE_CHECKPOINT ?= ../shared/reference-runs/session8-h100/best.pt
 release-asset: $(STAMP)
-	$(PY) -m eva_utils.pretrained $(REFERENCE_CHECKPOINT) --out dist
+	$(PY) tools/release_asset.py $(REFERENCE_CHECKPOINT) --out dist
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .config import Config
-from .data import HINT, ImageSet, load_datasets
-from .errors import DataError, RunFileError
+from .data import ImageSet, load_datasets
+from .errors import DataError, RunFileError, data_hint, option, train_command
 from .files import atomic_write_text, read_json
 from .loaders import DeviceLoader
 from .model import build_model
@@ -79,7 +79,7 @@ class Mistakes:
         ):
             raise DataError(
                 f"the {len(data):,} test images are not the ones analysed (other labels at the "
-                "recorded indices): pass --data PATH naming the run's data set"
+                f"recorded indices): pass {option('data', 'PATH')} naming the run's data set"
             )
         return replace(self, images=data.images[indices], normalized=False)
 
@@ -183,8 +183,7 @@ def load_trained_model(folder: str | Path) -> TrainedModel:
     folder = Path(folder)
     if not folder.is_dir():
         raise RunFileError(
-            f"run folder {folder} does not exist: train one with "
-            f"python -m eva_utils train --out {folder}"
+            f"run folder {folder} does not exist: train one with {train_command(folder)}"
         )
     path = folder / BEST
     state = load_checkpoint(path, needs=BEST_KEYS)
@@ -218,7 +217,7 @@ def recorded_test_set(config: Config, data: str | None = None) -> ImageSet:
     config = config if data is None else config.replace(data=str(data))
     # The folder torchvision's CIFAR10 unpacks into ./data (load_cifar10's default root).
     if config.data is None and not (Path("data") / "cifar-10-batches-py").is_dir():
-        raise DataError(f"CIFAR-10 is not downloaded into ./data: {HINT}")
+        raise DataError(f"CIFAR-10 is not downloaded into ./data: {data_hint()}")
     return load_datasets(config)[1]
 
 
@@ -269,7 +268,8 @@ class Report:
         if len(test_set) != int(self.matrix.sum()):
             raise DataError(
                 f"the test set has {len(test_set):,} images, the analysed one "
-                f"{int(self.matrix.sum()):,}: pass --data PATH naming the run's data set"
+                f"{int(self.matrix.sum()):,}: pass {option('data', 'PATH')} naming the run's data "
+                "set"
             )
         return replace(self, mistakes=self.mistakes.with_images(test_set))
 
@@ -394,7 +394,7 @@ def analyze(
         trained_on,
         run.classes,
         test_set.classes,
-        "analyze it with the run's own data (--data PATH)",
+        f"analyze it with the run's own data ({option('data', 'PATH')})",
     )
     model = run.model.to(device)
     probs, labels = predictions(model, test_set, device=device, progress=progress)

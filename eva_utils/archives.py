@@ -16,11 +16,10 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, data_hint
 from .files import atomic_rename, make_scratch_folder, remove_dead_scratch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm"}
-HINT = "pass --data PATH (an ImageFolder with train/ and test/, or a .tar.gz of one)"
 # Files an extracted archive keeps beside its images: the image count it must hold (counted from
 # the archive's member list, not from what reached the disk), and the decoded tensors.
 MANIFEST = ".manifest.json"
@@ -49,7 +48,7 @@ def extract_archive(archive: Path, cache_dir: str | os.PathLike | None = None) -
             return target
         shutil.rmtree(target, ignore_errors=True)  # another process may be removing it too
     if not tarfile.is_tarfile(archive):
-        raise DataError(f"{archive} is not a .tar or .tar.gz archive: {HINT}")
+        raise DataError(f"{archive} is not a .tar or .tar.gz archive: {data_hint()}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_scratch(target.parent)

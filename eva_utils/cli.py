@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
-import typing
 from pathlib import Path
 
-from .config import PRESETS, Config, get_preset, parse_field
-from .errors import ConfigError, EvaError, Interrupted
+from .config import PRESETS, Config, add_config_flags, get_preset
+from .errors import ConfigError, EvaError, Interrupted, RunFileError, command_line_words
 from .files import check_output_folder
 from .signals import sigterm_as_interrupt
 
@@ -30,33 +30,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def _field_type(name: str):
-    def parse(text: str):
-        return parse_field(name, text)
-
-    parse.__name__ = name  # argparse says "invalid <name> value: ..."
-    return parse
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field (``--train-size``, ``--no-channels-last``...), default: the
-    preset's."""
-    hints = typing.get_type_hints(Config)
-    group = parser.add_argument_group("hyperparameters (default: the preset's value)")
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        options: dict = {"default": None, "help": field.metadata["help"], "dest": field.name}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            metavar = {"augment": "LIST", "data": "PATH"}.get(field.name)
-            if metavar is None:
-                metavar = "N" if kind == int | None else field.name.upper().replace("_", "-")
-            options.update(type=_field_type(field.name), metavar=metavar)
-        group.add_argument(flag, **options)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -109,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--parallel", type=_positive_int, default=1, metavar="N",
         help="runs trained at a time, each in its own process (default 1: in this process)",
+    )  # fmt: skip
+    sweep.add_argument(
+        "--shard", default=None, metavar="I/N",
+        help="train only part I of N of the plan (e.g. one task of a cluster's job array, all "
+        "into the same --out); --summarize DIR then summarises every part",
     )  # fmt: skip
     sweep.add_argument(
         "--summarize", type=Path, metavar="DIR",
@@ -191,10 +169,11 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .data import check_out_of_data
     from .plots import save_history_figures
     from .results import summarize_history, target_reached
-    from .runfolder import BEST, LAST, METRICS, RunFolder
-    from .training import fit
+    from .runfolder import BEST, LAST, METRICS, recorded_device
+    from .training import fit, open_run_folder, start_ranks
 
     if args.resume is not None:
         out = args.resume
@@ -205,11 +184,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--preset cannot change a resumed run: {out} continues with the settings in its "
                 "checkpoint (flags such as --epochs still apply)"
             )
-        with RunFolder.open(out, resume=True) as folder:
+        ranks = start_ranks(args.device or recorded_device(out))
+        with open_run_folder(ranks, out, resume=True) as folder:
             changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
             config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
             done = folder.epochs_done
             if done >= config.epochs:
+                if not ranks.is_main:
+                    return
                 print(
                     f"{out} is already complete: it holds epochs 1-{done} and --epochs is "
                     f"{config.epochs}, so there is nothing to train (give --epochs above {done} "
@@ -221,9 +203,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise EvaError("train needs --out runs/NAME (or --resume runs/NAME)")
     else:
         out, config = args.out, config_from_args(args)
+        check_out_of_data(out, config.data)
+        ranks = start_ranks(config.device, config.batch_size)
         # Before loading any data: refusing takes a second, not a data set's loading time.
-        with RunFolder.open(out) as folder:
+        with open_run_folder(ranks, out, resume=False) as folder:
             history = fit(config, out=folder, progress=not args.quiet)
+    if not ranks.is_main:  # the main process reports the run
+        return
     figures = save_history_figures(history, out)
     s = summarize_history(history)
     print(
@@ -242,14 +228,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         failure,
         parse_grid,
         parse_seeds,
+        parse_shard,
         plan,
+        shard,
         train_planned,
         write_summary,
     )
 
     if args.summarize is not None:
-        if args.out is not None or args.grid:
-            raise ConfigError("--summarize DIR trains nothing: give it without --out and --grid")
+        if args.out is not None or args.grid or args.shard is not None:
+            raise ConfigError(
+                "--summarize DIR trains nothing: give it without --out, --grid and --shard"
+            )
         out = args.summarize
         failed, total = [], 0
     else:
@@ -266,17 +256,29 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         out = args.out
         check_output_folder(out)
         runs = plan(base, grid, seeds, out)
+        part = ""
+        if args.shard is not None:
+            index, parts = parse_shard(args.shard)
+            part = f" (part {index} of {parts} of a plan of {len(runs)})"
+            runs = shard(runs, index, parts)
         complete = sum(run.complete for run in runs)
         resumed = sum(0 < run.epochs_done < run.config.epochs for run in runs)
         print(
-            f"{len(runs)} runs in {out}: {complete} complete, {resumed} to resume, "
+            f"{len(runs)} runs in {out}{part}: {complete} complete, {resumed} to resume, "
             f"{len(runs) - complete - resumed} to start"
         )
         again = "python -m eva_utils " + shlex.join(args.argv)
         failed = train_planned(runs, parallel=args.parallel, progress=not args.quiet, again=again)
         total = len(runs)
-    summary = write_summary(out)
+    try:
+        summary = write_summary(out)
+    except RunFileError:
+        if failed:  # no run saved an epoch: the failure is the news, not the empty summary
+            raise failure(failed, total, summarised=False) from None
+        raise
     print(sweep_table(summary))
+    for skipped in summary["skipped"]:
+        print(f"skipped {out / skipped['run']}: {skipped['why']}")
     print(f"wrote {out / SWEEP_JSON}, {out / SWEEP_PNG}")
     if failed:
         raise failure(failed, total)
@@ -394,13 +396,20 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), command_line_words():
             args = build_parser().parse_args(argv)
             args.argv = sys.argv[1:] if argv is None else argv  # to say how to continue
             debug, command = args.debug, args.command
-            COMMANDS[command](args)
+            try:
+                COMMANDS[command](args)
+            finally:
+                if "torch.distributed" in sys.modules:  # joined a torchrun process group
+                    from .ranks import leave
+
+                    leave()
     except Interrupted as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        if _rank() == 0:  # the main process says what the run folder holds
+            print(f"{PROG}: {error}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # training turns it into Interrupted: this came before or without
         if debug:
@@ -413,6 +422,17 @@ def main(argv: list[str] | None = None) -> int:
     except EvaError as error:
         if debug:
             raise
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        rank = _rank()
+        if rank == 0:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+        elif not isinstance(error, ConfigError) and not getattr(error, "reported", False):
+            # a refusal every rank makes alike, or one the main process printed, is said once
+            print(f"{PROG} (rank {rank}): error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    text = os.environ.get("RANK", "0")
+    return int(text) if text.isdigit() else 0

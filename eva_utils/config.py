@@ -6,6 +6,7 @@ generated from :class:`Config`, so they cannot drift apart.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -13,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, option
 
 TARGET_ACCURACY = 0.85  # the assignment's bar, drawn on every accuracy plot
 AUGMENTATIONS = ("crop", "flip", "rotate")
@@ -257,6 +258,33 @@ def parse_field(name: str, text: str, source: str | None = None) -> Any:
     return text
 
 
+def _field_type(name: str):
+    def parse(text: str):
+        return parse_field(name, text)
+
+    parse.__name__ = name  # argparse says "invalid <name> value: ..."
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field (``--train-size``, ``--no-channels-last``...), default: the
+    preset's."""
+    hints = typing.get_type_hints(Config)
+    group = parser.add_argument_group("hyperparameters (default: the preset's value)")
+    for knob in dataclasses.fields(Config):
+        flag = "--" + knob.name.replace("_", "-")
+        kind = hints[knob.name]
+        options: dict = {"default": None, "help": knob.metadata["help"], "dest": knob.name}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            metavar = {"augment": "LIST", "data": "PATH"}.get(knob.name)
+            if metavar is None:
+                metavar = "N" if kind == int | None else knob.name.upper().replace("_", "-")
+            options.update(type=_field_type(knob.name), metavar=metavar)
+        group.add_argument(flag, **options)
+
+
 def field_flags(config: Config) -> list[str]:
     """The command-line flags that give every field of ``config`` whatever the preset, as
     :func:`parse_field` reads them: ``--train-size none``, ``--no-amp``, ``--augment a,b``."""
@@ -300,6 +328,16 @@ def get_preset(name: str) -> Config:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
+def preset_name(config: Config) -> str | None:
+    """The preset whose recipe ``config`` trains (any length, any seed), or None."""
+    compared = [name for name in HYPERPARAMETERS if name not in ("epochs", "seed")]
+    return next(
+        (name for name, preset in PRESETS.items()
+         if all(getattr(config, f) == getattr(preset, f) for f in compared)),
+        None,
+    )  # fmt: skip
+
+
 def hyperparameter_table(config: Config, fields: tuple[str, ...] | None = None) -> str:
     """A Markdown table of the config's hyperparameters (every field unless ``fields`` is given)."""
     chosen = [f for f in dataclasses.fields(config) if fields is None or f.name in fields]
@@ -329,6 +367,10 @@ def divergence_advice(config: Config) -> str:
     if shrink >= 2 * (1 + config.momentum):
         return (
             f"lr x weight_decay = {shrink:g} is above {2 * (1 + config.momentum):g}, where weight "
-            "decay alone makes the weights grow at every step: lower --weight-decay (or --lr)"
+            f"decay alone makes the weights grow at every step: lower {option('weight_decay')} "
+            f"(or {option('lr')})"
         )
-    return "lower the learning rate (--lr), or the weight decay (--weight-decay) if you raised it"
+    return (
+        f"lower the learning rate ({option('lr')}), or the weight decay "
+        f"({option('weight_decay')}) if you raised it"
+    )

@@ -15,9 +15,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .archives import DECODED, HINT, extract_archive, list_images, split_root
+from .archives import DECODED, extract_archive, list_images, split_root
 from .config import Config
-from .errors import DataError, DataFileError
+from .errors import ConfigError, DataError, DataFileError, data_hint, option
 from .files import atomic_write, remove_dead_scratch
 
 CIFAR10_CLASSES = (
@@ -70,7 +70,7 @@ def load_cifar10(
         return synthetic_cifar10()
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"data path {path} does not exist: {HINT}")
+        raise DataError(f"data path {path} does not exist: {data_hint()}")
     if path.is_file():
         sets = _decoded_archive(path, cache_dir)
     else:
@@ -123,7 +123,7 @@ def _torchvision_cifar10(root: Path) -> tuple[ImageSet, ImageSet]:
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise DataError(
             f"could not download CIFAR-10 into {root} ({error.__class__.__name__}); "
-            f"without a network, {HINT}"
+            f"without a network, {data_hint()}"
         ) from error
     return tuple(
         ImageSet(
@@ -141,7 +141,7 @@ def _find_split_root(path: Path) -> Path:
     if root is not None:
         return root
     if not any(path.iterdir()):
-        raise DataError(f"data folder {path} is empty: {HINT}")
+        raise DataError(f"data folder {path} is empty: {data_hint()}")
     raise DataError(
         f"{path} has no train/ and test/ folders: expected {path}/train/<class>/*.jpg and "
         f"{path}/test/<class>/*.jpg"
@@ -245,6 +245,23 @@ def synthetic_cifar10(
         return ImageSet(images, labels, CIFAR10_CLASSES)
 
     return make(train_size), make(test_size)
+
+
+def check_out_of_data(out: str | os.PathLike, data: str | None) -> None:
+    """Refuse a run folder ``out`` inside the data folder ``data``, before any folder is made:
+    a run's folder among the data's would make the data unreadable ("no train/ and test/
+    folders", or a class named after the run)."""
+    if data is None or data == SYNTHETIC:
+        return
+    source = Path(data).expanduser().resolve()
+    if not source.is_dir():  # an archive, or nothing yet: nothing to spoil
+        return
+    target = Path(out).expanduser().resolve()
+    if target == source or source in target.parents:
+        raise ConfigError(
+            f"{option('out')} {out} is inside the data folder {data}: its folders would become "
+            f"part of the data set; choose a run folder outside {data}"
+        )
 
 
 def load_datasets(config: Config) -> tuple[ImageSet, ImageSet]:

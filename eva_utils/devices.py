@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .errors import ConfigError
+from .errors import ConfigError, option
+from .precision import Precision
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -29,7 +30,8 @@ def select_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"device {name!r} cannot train here: use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"device {name!r} was asked for but CUDA is not available: use --device cpu"
+            f"device {name!r} was asked for but CUDA is not available: use "
+            f"{option('device', 'cpu')}"
         )
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(
@@ -38,9 +40,20 @@ def select_device(name: str = "auto") -> torch.device:
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(
-            f"device {name!r} was asked for but MPS is not available: use --device cpu"
+            f"device {name!r} was asked for but MPS is not available: use {option('device', 'cpu')}"
         )
     return device
+
+
+def describe(device: torch.device, precision: Precision) -> str:
+    """The device, its hardware and what it computes in: "CPU (AMD EPYC 7B13 (2 cores)); training
+    in fp32, channels_last" or "CUDA (Tesla T4, compute capability 7.5); training in fp16 with a
+    gradient scaler, channels_last"."""
+    hardware = environment(device)["device_name"]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        hardware += f", compute capability {major}.{minor}"
+    return f"{device.type.upper()} ({hardware}); training in {precision.describe()}"
 
 
 def environment(device: torch.device) -> dict[str, str]:

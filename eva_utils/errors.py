@@ -1,4 +1,66 @@
-"""Errors a user can fix. The CLI prints their message as one line and exits non-zero."""
+"""Errors a user can fix, and the words their messages use for settings.
+
+The CLI prints an error's message as one line and exits non-zero. A message names a setting the
+way its reader gives it: ``train_size``, ``out=...``, ``fit(..., resume=True)`` for the library
+and the notebooks, ``--train-size``, ``--out``, ``--resume RUN`` where the command line runs
+(:func:`command_line_words`, which the CLI enters before any work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_COMMAND_LINE = contextvars.ContextVar("eva8_command_line_words", default=False)
+
+
+@contextlib.contextmanager
+def command_line_words() -> Iterator[None]:
+    """Within the block, messages name settings as command-line flags."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def spelled(command_line: str, library: str) -> str:
+    """``command_line`` where the command line runs (:func:`command_line_words`), else
+    ``library``: the same advice in its reader's words."""
+    return command_line if _COMMAND_LINE.get() else library
+
+
+def option(name: str, value: Any = None) -> str:
+    """How the reader gives the setting ``name`` (a Config field or an argument of ``fit``):
+    ``--train-size 64`` on the command line, ``train_size=64`` from Python (without ``value``:
+    ``--train-size``, ``train_size=...``)."""
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return spelled(flag, f"{name}=...")
+    return spelled(f"{flag} {value}", f"{name}={value}")
+
+
+def train_command(folder: str | Path) -> str:
+    """How to train a new run into ``folder``."""
+    return spelled(f"python -m eva_utils train --out {folder}", f"fit(config, out={str(folder)!r})")
+
+
+def resume_command(folder: str | Path) -> str:
+    """How to continue the run in ``folder``."""
+    return spelled(
+        f"python -m eva_utils train --resume {folder}",
+        f"fit(config, out={str(folder)!r}, resume=True)",
+    )
+
+
+def data_hint() -> str:
+    """What to do when no data set was given or found."""
+    return (
+        f"pass {option('data', 'PATH')} (an ImageFolder with train/ and test/, or a .tar.gz of one)"
+    )
 
 
 class EvaError(Exception):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import RunFileError
+from .errors import RunFileError, option
 
 SCRATCH_SUFFIX = ".tmp"
 
@@ -120,11 +120,13 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def check_output_folder(folder: str | Path, flag: str = "--out") -> None:
+def check_output_folder(folder: str | Path, flag: str | None = None) -> None:
     """Check, before any work whose results would go into ``folder``, that they can be written
     there: the folder, or its nearest existing ancestor, is a writable folder. Creates nothing.
-    Raises RunFileError naming the folder and the cause."""
+    Raises RunFileError naming the folder and the cause, and ``flag`` (default: ``out``) as
+    the setting to change."""
     folder = Path(folder)
+    flag = flag or option("out")
     existing = next(path for path in (folder, *folder.parents, Path.cwd()) if path.exists())
     if not existing.is_dir():
         raise RunFileError(f"{existing} is a file, not a folder: choose another {flag}")

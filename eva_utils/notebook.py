@@ -13,7 +13,9 @@ import atexit
 import dataclasses
 import difflib
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import typing
@@ -25,7 +27,7 @@ from torch import Tensor
 from . import analysis, pretrained
 from .config import Config, get_preset, parse_field, recipe_name
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, load_datasets
-from .devices import environment, select_device
+from .devices import describe, select_device
 from .errors import ConfigError, DataError, EvaError
 from .files import make_scratch_folder, remove_dead_scratch
 from .loaders import DeviceLoader
@@ -62,12 +64,7 @@ def device_report(name: str = "auto", precision: str = "auto", channels_last: bo
     """'Device: ...' with the GPU (and its compute capability) or CPU name and the precision
     training will use, and advice when Colab runs without a GPU."""
     device = select_device(name)
-    hardware = environment(device)["device_name"]
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        hardware += f", compute capability {major}.{minor}"
-    chosen = choose_precision(device, precision, channels_last)
-    report = f"Device: {device.type.upper()} ({hardware}); training in {chosen.describe()}"
+    report = f"Device: {describe(device, choose_precision(device, precision, channels_last))}"
     if in_colab() and device.type != "cuda":
         report += "\n" + COLAB_GPU_ADVICE
     return report
@@ -75,6 +72,8 @@ def device_report(name: str = "auto", precision: str = "auto", channels_last: bo
 
 def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
     """The preset with the parameter cell's ``values``, then any environment overrides."""
+    for name, value in values.items():
+        check_type(name, value)
     config = get_preset(preset).replace(**values)
     variables = _override_variables()
     overrides = {name: parse_field(name, os.environ[v], source=v) for v, name in variables.items()}
@@ -90,6 +89,38 @@ def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
             raise
         given = ", ".join(f"{v}={os.environ[v]}" for v in variables)
         raise ConfigError(f"{error} (the environment sets {given})") from None
+
+
+_KINDS = {int: "a whole number", float: "a number", bool: "True or False", str: "text",
+          type(None): "None"}  # fmt: skip
+
+
+def check_type(name: str, value: typing.Any) -> None:
+    """Refuse, in one line, a parameter-cell value of the wrong type for the Config field
+    ``name`` (``epochs='3'``, ``epochs=3.5``, ``nesterov='False'``, ``dropout=None``): Python
+    types, not text to parse. An int is a number; a bool is no number; unknown names are left to
+    ``Config.replace``."""
+    hints = typing.get_type_hints(Config)
+    if name not in hints:
+        return
+    allowed = typing.get_args(hints[name]) if typing.get_origin(hints[name]) is not tuple else ()
+    allowed = [kind for kind in allowed or (hints[name],) if kind in _KINDS]
+    if not allowed:  # augment: a tuple of names, checked by Config
+        return
+
+    def fits(kind: type) -> bool:
+        if kind is float:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, kind)
+
+    if not any(fits(kind) for kind in allowed):
+        wanted = " or ".join(_KINDS[kind] for kind in allowed)
+        default = getattr(Config(), name)
+        raise ConfigError(
+            f"{name}={value!r}: give {wanted} (a Python value, not text), e.g. {name}={default!r}"
+        )
 
 
 def _override_variables() -> dict[str, str]:
@@ -292,3 +323,57 @@ def history_table(history: list[dict]) -> str:
             f"{row['seconds']:>7.1f}"
         )
     return "\n".join(lines)
+
+
+# --- several GPUs --------------------------------------------------------------------------------
+
+
+def torchrun_command(config: Config, gpus: int, out: str) -> str:
+    """The shell command that trains ``config``'s recipe on ``gpus`` GPUs of this machine
+    into ``out``: one process per GPU, the same global batch, and Ghost BatchNorm's splits
+    divided among the GPUs where they divide (each GPU's BatchNorm already normalises its own
+    slice of the batch), so that the run normalises over the same ghost batches as one GPU."""
+    gpus = max(gpus, 1)
+    changes = {name: value for name, value in config.items()
+               if value != getattr(get_preset("session8"), name)}  # fmt: skip
+    if config.norm == "gbn" and config.num_splits % gpus == 0:
+        changes["num_splits"] = config.num_splits // gpus
+    flags = []
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif name != "device":  # each process takes its own GPU
+            flags += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+    return shlex.join(
+        ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "eva_utils", "train",
+         "--out", out, *flags]
+    )  # fmt: skip
+
+
+def ranks_and_ghost_batches() -> dict[str, float]:
+    """Train the small network of :mod:`eva_utils.demo_ranks` on two CPU processes with
+    BatchNorm, in one process with Ghost BatchNorm of 2 splits, and in one process with plain
+    BatchNorm; returns the largest difference of the first from each of the others ("ghost",
+    "plain"), weights and running statistics included."""
+    from .demo_ranks import compare
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EVA_DIST_TIMEOUT": "60"}
+    with tempfile.TemporaryDirectory() as folder:
+        runs = [
+            ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             "-m", "eva_utils.demo_ranks", folder],
+            ["-m", "eva_utils.demo_ranks", folder, "--norm", "gbn"],
+            ["-m", "eva_utils.demo_ranks", folder, "--norm", "bn", "--name", "one-process"],
+        ]  # fmt: skip
+        for args in runs:
+            done = subprocess.run([sys.executable, *args], env=env, capture_output=True,
+                                  text=True, timeout=300)  # fmt: skip
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise EvaError(f"the two-process demo failed ({last})")
+        ranks = Path(folder) / "bn.pt"
+        return {
+            "ghost": compare(ranks, Path(folder) / "gbn.pt"),
+            "plain": compare(ranks, Path(folder) / "one-process.pt"),
+        }

@@ -191,7 +191,8 @@ def plot_sweep(
     for cell in cells:
         curve = cell["curve"]
         mean = [100 * acc for acc in curve["test_acc_mean"]]
-        label = f"{cell['label']} ({len(cell['seeds'])} seeds)"
+        seeds = len(cell["seeds"])
+        label = f"{cell['label']} ({seeds} {'seed' if seeds == 1 else 'seeds'})"
         (line,) = ax.plot(curve["epoch"], mean, "o-", ms=3, label=label)
         if None not in curve["test_acc_std"]:  # one seed: no spread to draw
             spread = [100 * std for std in curve["test_acc_std"]]

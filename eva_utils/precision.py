@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PRECISIONS, choice_problem, refuse
+from .errors import option
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # The first compute capability with bf16 (Ampere), and with fp16 tensor cores (Volta).
@@ -98,7 +99,7 @@ def choose_precision(
     if precision == "bf16" and emulated:
         warnings.warn(
             f"bf16 is emulated on this {device.type} ({_hardware_name(hardware)}): training "
-            f"runs, slowly; --precision auto uses {decide(hardware).name} here",
+            f"runs, slowly; {option('precision', 'auto')} uses {decide(hardware).name} here",
             stacklevel=2,
         )
     return decide(hardware, precision, channels_last)

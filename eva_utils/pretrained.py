@@ -1,5 +1,5 @@
 """The reference run's trained model for every student, downloaded the way torchvision's weights
-are: a release asset of the repository, checked by its full sha256, cached by torch.hub.
+are: a release asset of the repository, checked by its full sha256, cached in torch.hub's folder.
 
 The asset is the reference run's ``best.pt`` (``results/session8-h100``) with its weights stored
 in fp16, half the size of the fp32 file; they are read back into the fp32 model, and the test
@@ -15,32 +15,33 @@ The download lands in torch.hub's cache (``$TORCH_HOME/hub/checkpoints``, by def
 ``~/.cache/torch/hub/checkpoints``) as a run folder named like the asset, with the sha256 prefix
 that names torchvision's files: ``eva8-session8-h100-<sha256[:8]>/best.pt``, which
 ``analysis.load_trained_model(download())`` reads. A second call finds it there and downloads
-nothing.
+nothing. A server that stops answering for :data:`TIMEOUT_SECONDS` (to connect, or between two
+reads) ends the download in one line; a slow one that keeps sending does not.
 
-``make release-asset`` (``python -m eva_utils.pretrained CHECKPOINT --out dist``) writes the
-asset from a checkpoint and prints its size and sha256: byte for byte the same file on every
-run (with the same torch version), so :data:`SHA256` is that digest.
+``make release-asset`` (``tools/release_asset.py``, a maintainer's tool outside the package)
+writes the asset from a checkpoint and prints its size and sha256: byte for byte the same file
+on every run (with the same torch version), so :data:`SHA256` is that digest.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import hashlib
 import http.client
 import importlib.metadata
-import io
 import os
-import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO
 from urllib.error import HTTPError
-from urllib.request import Request
+from urllib.request import Request, urlopen
 
 import torch
 
 from .errors import CheckpointError
-from .files import atomic_rename, atomic_write
-from .runfolder import BEST, load_checkpoint
+from .files import atomic_write, remove_dead_scratch
+from .progress import redraws, tqdm
+from .runfolder import BEST
 
 DISTRIBUTION = "eva8"  # the package whose metadata names the repository
 RELEASE_TAG = "session8-h100"
@@ -49,6 +50,8 @@ ASSET_STEM = "eva8-session8-h100"
 # ../shared/reference-runs/session8-h100/best.pt (torch 2.14).
 SHA256 = "d43e003f03e93a21da61f237c94ad19c085d3f7013256265548997f07f765617"
 URL_ENV = "EVA_PRETRAINED_URL"
+TIMEOUT_SECONDS = 30.0  # to connect, and then for each read: a server silent this long fails
+READ_BYTES = 1 << 16  # each read: the progress bar moves every 64 KiB
 
 
 def asset_name(sha256: str = SHA256) -> str:
@@ -84,68 +87,25 @@ def release_url() -> str:
 def download(url: str | None = None, sha256: str | None = None, progress: bool = True) -> Path:
     """The run folder, in torch.hub's cache, whose ``best.pt`` is the asset at ``url`` (default
     :func:`release_url`) with this ``sha256`` (default :data:`SHA256`): downloaded if it is not
-    there yet, and kept only if its full sha256 matches. Raises CheckpointError, in one line, if
-    it cannot be."""
+    there yet, and kept only if its full sha256 matches; a cached copy is checked again on every
+    call, and replaced if it differs. A server silent for :data:`TIMEOUT_SECONDS` ends the
+    download. Raises CheckpointError, in one line, if it cannot be."""
     sha256 = sha256 or SHA256
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     folder = cache / Path(asset_name(sha256)).stem
-    if (folder / BEST).is_file():
+    best = folder / BEST
+    cached = best.is_file()
+    if cached and file_sha256(best) == sha256:  # about 0.02 s for the 22 MB asset
         return folder
     url = url or release_url()
-    downloaded = cache / asset_name(sha256)
     try:
-        Request(url)  # a malformed URL fails here, before torch.hub creates its partial file
-        cache.mkdir(parents=True, exist_ok=True)
-        # hash_prefix=the whole digest: torch.hub compares that many characters, and moves the
-        # file into place only when they match (it deletes its partial file otherwise).
-        torch.hub.download_url_to_file(url, str(downloaded), hash_prefix=sha256, progress=progress)
-    except RuntimeError as error:
-        if "invalid hash value" not in str(error):
-            raise
-        raise CheckpointError(
-            f"{url} is not the published trained model (its sha256 differs from "
-            f"{sha256[:8]}...): nothing was kept; check {URL_ENV} or the release's asset"
-        ) from None
-    except (OSError, ValueError, http.client.HTTPException) as error:
-        # "HTTP Error 404: Not Found"; a URLError's reason, without its "<urlopen error>"
-        reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
-        raise CheckpointError(
-            f"could not download the trained model from {url} ({reason}): check the network, "
-            f"or set {URL_ENV} to a copy of {asset_name(sha256)}"
-        ) from None
-    folder.mkdir(exist_ok=True)
-    atomic_rename(downloaded, folder / BEST)
+        _download(url, best, sha256, progress, damaged=cached)
+    except CheckpointError as error:
+        if cached:  # but changed since it was downloaded
+            removed = "" if best.exists() else " and was removed"
+            raise CheckpointError(f"{best} failed its sha256 check{removed}; {error}") from None
+        raise
     return folder
-
-
-# --- the release asset -------------------------------------------------------------------------
-
-
-def half_precision(state: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint ``state`` with its floating-point weights in fp16 (integer counters kept).
-    Raises CheckpointError if a weight is beyond fp16's range."""
-    model = {
-        name: tensor.half() if tensor.is_floating_point() else tensor
-        for name, tensor in state["model"].items()
-    }
-    overflow = [
-        name for name, t in model.items() if t.is_floating_point() and not t.isfinite().all()
-    ]
-    if overflow:
-        raise CheckpointError(f"{overflow[0]} does not fit in fp16: keep this checkpoint in fp32")
-    return {**state, "model": model}
-
-
-def write_asset(source: str | Path, out: str | Path) -> Path:
-    """Write the release asset of the checkpoint ``source`` (weights in fp16) into the folder
-    ``out``, named with its sha256 prefix; returns its path."""
-    state = half_precision(load_checkpoint(Path(source)))
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # the eva8 checkpoint format, as read back by load_checkpoint
-    data = buffer.getvalue()
-    path = Path(out) / asset_name(hashlib.sha256(data).hexdigest())
-    atomic_write(path, lambda file: file.write(data))
-    return path
 
 
 def file_sha256(path: str | Path) -> str:
@@ -156,25 +116,73 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m eva_utils.pretrained",
-        description="Write the trained model's release asset (weights in fp16) from a checkpoint.",
-    )
-    parser.add_argument("checkpoint", help="an eva8 best.pt, e.g. the reference run's")
-    parser.add_argument("--out", default="dist", help="folder for the asset (default: dist)")
-    args = parser.parse_args(argv)
+def _download(url: str, best: Path, sha256: str, progress: bool, damaged: bool) -> None:
+    """Download ``url`` into ``best`` (a run folder in the cache) if its sha256 is ``sha256``;
+    else raise CheckpointError and keep nothing. A ``damaged`` ``best`` is removed first."""
+    folder = best.parent
     try:
-        path = write_asset(args.checkpoint, args.out)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    digest = file_sha256(path)
-    pinned = "the pinned SHA256" if digest == SHA256 else "NOT the pinned SHA256"
-    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {digest} ({pinned})")
-    print(f"attach it to the release {RELEASE_TAG} as {path.name}")
-    return 0
+        if damaged:  # it goes, whether or not a download replaces it
+            best.unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        # what killed downloads left: their scratch (.best.pt.XXXX.<pid>.tmp), and the .partial
+        # files of earlier versions (torch.hub.download_url_to_file's, beside the folder)
+        remove_dead_scratch(folder, prefix=f".{BEST}.")
+        for partial in folder.parent.glob(f"{folder.name}.pt.*.partial"):
+            partial.unlink(missing_ok=True)
+        # the scratch file is removed if anything fails
+        atomic_write(best, lambda file: _fetch(url, file, sha256, progress))
+    except OSError as error:  # the cache's: _fetch turned the network's into CheckpointError
+        raise CheckpointError(
+            f"cannot write the trained model into {folder.parent} ({error.strerror or error}): "
+            "make room or make it writable there, or set TORCH_HOME to another folder"
+        ) from None
+    finally:
+        if not best.is_file():
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: a failed download keeps nothing
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _fetch(url: str, file: IO[bytes], sha256: str, progress: bool) -> None:
+    """Copy the body at ``url`` into ``file``; raises CheckpointError if it cannot be read, or
+    if its sha256 differs from ``sha256``. Only ``file`` raises OSError."""
+    digest = hashlib.sha256()
+    # the timeout bounds the connection and every read: a slow download goes on, a silent one
+    # raises TimeoutError
+    with _reading(url, sha256):  # a malformed URL fails in Request
+        request = Request(url, headers={"User-Agent": DISTRIBUTION})
+        response = urlopen(request, timeout=TIMEOUT_SECONDS)
+    length = response.headers.get("Content-Length", "")
+    total = int(length) if length.isdigit() else None
+    shown = progress and redraws()
+    bar = tqdm(total=total, disable=not shown, unit="B", unit_scale=True, unit_divisor=1024)
+    with response, bar:
+        while True:
+            with _reading(url, sha256):
+                block = response.read(READ_BYTES)
+            if not block:
+                break
+            file.write(block)
+            digest.update(block)
+            bar.update(len(block))
+    if digest.hexdigest() != sha256:
+        raise CheckpointError(
+            f"{url} is not the published trained model (its sha256 differs from "
+            f"{sha256[:8]}...): nothing was kept; check {URL_ENV} or the release's asset"
+        )
+
+
+@contextlib.contextmanager
+def _reading(url: str, sha256: str) -> Iterator[None]:
+    """Turn a failure to read from ``url`` into CheckpointError, in one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        # "HTTP Error 404: Not Found"; a URLError's reason, without its "<urlopen error>"
+        reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            reason = f"nothing received for {TIMEOUT_SECONDS:g} s"
+        reason = " ".join(str(reason).split())  # a redirect loop's HTTPError has three lines
+        raise CheckpointError(
+            f"could not download the trained model from {url} ({reason}): check the network, "
+            f"or set {URL_ENV} to a copy of {asset_name(sha256)}"
+        ) from None

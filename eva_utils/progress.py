@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="IProgress not found")
     from tqdm.auto import tqdm
 
-__all__ = ["bar", "batch_bar", "epoch_bar", "redraws", "tqdm"]
+__all__ = ["bar", "batch_bar", "epoch_bar", "note", "redraws", "tqdm"]
 
 
 def redraws() -> bool:
@@ -48,6 +48,13 @@ def batch_bar(loader: Iterable, *, desc: str = "", progress: bool = True) -> tqd
     """
     total = len(loader) if hasattr(loader, "__len__") else None
     return bar(iter(loader), total=total, desc=desc, progress=progress, leave=False)
+
+
+def note(text: str, progress: bool = True) -> None:
+    """One line for the person watching the progress (with ``progress``), on stderr, without
+    breaking a bar that is being drawn."""
+    if progress:
+        tqdm.write(text, file=sys.stderr)
 
 
 class EpochLines:

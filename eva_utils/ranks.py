@@ -1,21 +1,45 @@
 """The seam for ranks: which process this is among those ``torchrun`` started, and the little
 that the epoch loop asks of the others.
 
-``torchrun`` gives every process ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; a plain
-``python`` process has none of them and is rank 0 of a world of 1, for which every method here
-does nothing and the loop runs exactly the code a single process runs. Only this module knows
-about ranks: the loop asks "is this the main process?", "sum this epoch meter over the ranks",
-"wait for everyone".
+``torchrun`` gives every process ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (and the address
+of the rendezvous); a plain ``python`` process has none of them and is rank 0 of a world of 1,
+for which every method here does nothing and the loop runs exactly the code a single process
+runs. Only this module knows about ranks: the loop asks "is this the main process?", "sum this
+epoch over the ranks", "average the BatchNorm statistics", "wait for everyone".
+
+Several ranks train one run the way one process would: ``batch_size`` is the global batch, rank
+r computes the r-th slice of it (:meth:`Ranks.share`), DistributedDataParallel averages the
+gradients, and each rank's BatchNorm normalises only its own slice. That is Ghost BatchNorm with
+one ghost batch per rank: N ranks with ``norm="bn"`` train the model that one process trains
+with ``norm="gbn", num_splits=N``, and N ranks with GBN of k splits the one of k*N splits.
 """
 
 from __future__ import annotations
 
+import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, EvaError
+
+# How long a rank waits in a collective for the others before it gives up: a peer that died is
+# normally noticed by torchrun (which then stops every rank) or by the lost connection within
+# seconds; this bounds the rest. EVA_DIST_TIMEOUT overrides it (seconds).
+TIMEOUT_ENV, DEFAULT_TIMEOUT = "EVA_DIST_TIMEOUT", 300.0
+
+
+class PeerFailed(EvaError):
+    """Another rank stopped: the main process reported why (``reported`` True: it printed the
+    line itself), or this rank lost the connection to the others."""
+
+    def __init__(self, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported
 
 
 @dataclass(frozen=True)
@@ -38,11 +62,6 @@ class Ranks:
             ) from None
         if not 0 <= ranks.rank < ranks.world_size:
             raise ConfigError(f"RANK {ranks.rank} is outside a WORLD_SIZE of {ranks.world_size}")
-        if ranks.world_size > 1:
-            raise ConfigError(
-                f"this process is one of {ranks.world_size} (WORLD_SIZE): training on several "
-                "processes is not supported yet; run one process (python -m eva_utils train)"
-            )
         return ranks
 
     @property
@@ -50,21 +69,160 @@ class Ranks:
         """The one process that writes the run folder and shows progress."""
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} of {self.world_size}"
+
+    # --- joining the others --------------------------------------------------------------------
+
     def local_device(self, device: torch.device) -> torch.device:
         """The device this process trains on: its own GPU (``cuda:LOCAL_RANK``) for CUDA."""
-        if device.type == "cuda" and device.index is None and self.world_size > 1:
+        if device.type == "cuda" and self.distributed:
+            if self.local_rank >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"{self} has LOCAL_RANK {self.local_rank}, but this machine has "
+                    f"{torch.cuda.device_count()} GPU(s): start at most that many processes per "
+                    "machine (--nproc-per-node)"
+                )
             return torch.device("cuda", self.local_rank)
         return device
+
+    def join(self, device: torch.device) -> None:
+        """Join the process group (NCCL between GPUs, gloo on CPUs), once per process."""
+        if not self.distributed or dist.is_initialized():
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout, device_id=_device_id(device))
+
+    def agree(self, problem: str | None) -> None:
+        """Every rank learns whether the main process found a ``problem`` (it raised it); the
+        others raise :class:`PeerFailed`, so that no rank waits for one that stopped."""
+        if not self.distributed:
+            return
+        said = [problem if self.is_main else None]
+        self._collective(dist.broadcast_object_list, said, src=0)
+        if said[0] is not None and not self.is_main:
+            raise PeerFailed(f"rank 0 stopped: {said[0]}", reported=True)
+
+    def wait_for_everyone(self) -> None:
+        """Return when every rank has reached this point."""
+        if self.distributed:
+            self._collective(dist.barrier)
+
+    def batch_problem(self, batch_size: int, images: int | None = None) -> str | None:
+        """Why the ranks cannot share batches of ``batch_size`` from ``images`` training
+        images (None when they can): each needs the same share of every full batch, and at
+        least one image of the last, smaller one."""
+        if not self.distributed:
+            return None
+        if batch_size % self.world_size:
+            return (
+                f"batch_size {batch_size} cannot be shared by {self.world_size} processes "
+                f"(it is the global batch: give a multiple of {self.world_size})"
+            )
+        last = images % batch_size if images else 0
+        if 0 < last < self.world_size:
+            return (
+                f"the last batch of each epoch holds {last} of the {images} training images, "
+                f"fewer than the {self.world_size} processes: change batch_size or train_size"
+            )
+        return None
+
+    def normalisation(self, batch_size: int, ghost_batches: int) -> dict[str, int]:
+        """What a run records about how it normalised: the world size and the images per
+        rank and per BatchNorm (per ghost batch); nothing for a single process."""
+        if not self.distributed:
+            return {}
+        per_rank = batch_size // self.world_size
+        return {
+            "world_size": self.world_size,
+            "images_per_rank": per_rank,
+            "images_per_norm": per_rank // ghost_batches,
+        }
+
+    # --- what a rank computes ------------------------------------------------------------------
+
+    def share(self, batch: Tensor) -> Tensor:
+        """This rank's slice of a global batch: ``tensor_split`` into world_size parts, the
+        split Ghost BatchNorm makes (sizes differing by at most one)."""
+        return batch.tensor_split(self.world_size)[self.rank] if self.distributed else batch
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model under DistributedDataParallel (gradients averaged over the ranks); each
+        rank keeps its own BatchNorm statistics (:meth:`average_buffers` joins them)."""
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers are not synchronised at each forward: rank 0's would replace the others' and
+        # keep only its slice's statistics. torch >= 2.13 names the switch forward_sync_buffers.
+        parameters = inspect.signature(DistributedDataParallel).parameters
+        switch = "forward_sync_buffers" if "forward_sync_buffers" in parameters else None
+        options = {switch: False} if switch else {"broadcast_buffers": False}
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, **options)
+
+    def average_buffers(self, model: nn.Module) -> None:
+        """Replace each BatchNorm's running statistics by their mean over the ranks: the
+        statistics one process with one ghost batch per rank keeps."""
+        if not self.distributed:
+            return
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                for buffer in (module.running_mean, module.running_var):
+                    self._collective(dist.all_reduce, buffer, op=dist.ReduceOp.SUM)
+                    buffer.div_(self.world_size)
 
     def reduce(self, result: dict[str, float]) -> dict[str, float]:
         """An epoch's ``{"loss", "acc", "images"}`` (:func:`~eva_utils.engine.train`,
         :func:`~eva_utils.engine.test`) over the images of every rank; this rank's alone in a
         world of 1."""
-        if self.world_size > 1:  # pragma: no cover - the distributed training issue fills this
-            raise NotImplementedError
-        return result
+        if not self.distributed:
+            return result
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        images = result["images"]
+        totals = torch.tensor(
+            [result["loss"] * images, result["acc"] * images, images],
+            dtype=torch.float64, device=device,
+        )  # fmt: skip
+        self._collective(dist.all_reduce, totals, op=dist.ReduceOp.SUM)
+        loss_sum, correct, images = totals.tolist()
+        return {"loss": loss_sum / images, "acc": round(correct) / images, "images": int(images)}
 
-    def wait_for_everyone(self) -> None:
-        """Return when every rank has reached this point."""
-        if self.world_size > 1:  # pragma: no cover - the distributed training issue fills this
-            raise NotImplementedError
+    def seed(self, seed: int, epoch: int) -> None:
+        """Seed this rank's own random draws (dropout) for ``epoch``: each rank draws other
+        masks, and a resumed run draws the ones an unbroken run drew. A world of 1 keeps the
+        single process's stream."""
+        if self.distributed:
+            torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + self.rank)
+
+    def _collective(self, operation, *args, **kwargs):
+        try:
+            return operation(*args, **kwargs)
+        except (RuntimeError, ValueError) as error:  # DistBackendError, a lost connection
+            raise PeerFailed(
+                f"{self} lost the other ranks ({error.__class__.__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no message'}); one of them "
+                "stopped: see its line above"
+            ) from None
+
+    def leave(self) -> None:
+        """Leave the process group (at the end of training)."""
+        if self.distributed:
+            leave()
+
+
+def leave() -> None:
+    """End this process's part in a torchrun process group, if it joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _device_id(device: torch.device) -> torch.device | None:
+    return device if device.type == "cuda" else None

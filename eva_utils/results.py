@@ -26,7 +26,7 @@ from .config import (
     recipe_name,
     upgrade_config_dict,
 )
-from .errors import ConfigError, RunFileError
+from .errors import ConfigError, RunFileError, spelled
 from .files import read_json
 from .plots import MAX_COMPARED, plot_comparison
 from .runfolder import METRICS, read_metrics
@@ -313,10 +313,18 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
     epoch, and the mean test accuracy curve. The content of a sweep's ``sweep.json``."""
     folder = Path(folder)
     runs = [read_recorded_run(path.parent) for path in sorted(folder.glob(f"*/{METRICS}"))]
+    skipped = [
+        {"run": run.name, "why": f"its {METRICS} records no config (not a run of this sweep)"}
+        for run in runs
+        if "seed" not in run.config
+    ]
+    runs = [run for run in runs if "seed" in run.config]
     if not runs:
         raise RunFileError(
-            f"{folder} holds no runs (*/{METRICS}): train them with python -m eva_utils sweep "
-            f"--out {folder} ..."
+            f"{folder} holds no runs (*/{METRICS}): train them with "
+            + spelled(
+                f"python -m eva_utils sweep --out {folder} ...", f"sweep(..., out={str(folder)!r})"
+            )
         )
     cells: dict[str, list[RecordedRun]] = {}
     for run in runs:  # a cell's name: the recipe's folder name with the seed left out
@@ -348,6 +356,7 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
         "data": f"{source} (train/test images: {sizes})",
         "hardware": sorted({run.hardware for run in runs}),
         "cells": summaries,
+        "skipped": skipped,
     }
 
 
@@ -359,6 +368,9 @@ def _cell_summary(
     reached = [s["target_epoch"] for s in summaries]
     common = min(len(run.history) for run in members)  # a run still training has fewer epochs
     per_epoch = [[run.history[i]["test_acc"] for run in members] for i in range(common)]
+    lengths = sorted({len(run.history) for run in members})
+    if len(lengths) > 1:  # its spread mixes runs of different lengths: say so where it is read
+        label += f" [runs of {lengths[0]}-{lengths[-1]} epochs]"
     return {
         "label": label,
         "grid": grid,

@@ -11,10 +11,12 @@ the objects that own it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Sequence
@@ -25,7 +27,14 @@ from typing import Any
 import torch
 
 from .config import RECIPE_FIELDS, Config
-from .errors import CheckpointError, RunFileError
+from .errors import (
+    CheckpointError,
+    RunFileError,
+    option,
+    resume_command,
+    spelled,
+    train_command,
+)
 from .files import (
     atomic_write,
     atomic_write_json,
@@ -47,8 +56,42 @@ BEST_KEYS = ("config", "classes", "model", "epoch", "test_acc")  # what best.pt 
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` of ``state``, marked as an eva8 checkpoint, never leaving a partial file."""
-    atomic_write(path, lambda file: torch.save({"format": FORMAT, **state}, file))
+    """``torch.save`` of ``state``, marked as an eva8 checkpoint, never leaving a partial file.
+    A write that stops short (a full disk) raises OSError, as any other failed write does."""
+
+    def write(file: Any) -> None:
+        try:
+            torch.save({"format": FORMAT, **state}, file)
+        except RuntimeError:  # torch's zip writer turns ENOSPC into "unexpected pos ..."
+            raise OSError(errno.ENOSPC, SHORT_WRITE) from None
+
+    atomic_write(path, write)
+
+
+SHORT_WRITE = "the write stopped short: the disk is full or a file-size limit was reached"
+MB = 2**20
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in ``value`` (nested dicts, lists, tuples): about the size of
+    its checkpoint."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def _space_needed(folder: Path, state: dict[str, Any]) -> str:
+    """``, which needs about N MB free (M MB are)``: the room for an epoch's checkpoints."""
+    needed = _tensor_bytes(state) + _tensor_bytes(state["model"])  # last.pt and best.pt
+    try:
+        free = f"{shutil.disk_usage(folder).free / MB:,.0f} MB are"
+    except OSError:
+        free = "the free space is unknown"
+    return f"; an epoch's checkpoints need about {needed / MB:,.0f} MB free there ({free})"
 
 
 def load_checkpoint(path: str | Path, needs: Sequence[str] = ()) -> dict[str, Any]:
@@ -163,19 +206,26 @@ def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
     """Refuse to resume the run in ``out``, started with ``saved``, with a ``config`` that
     differs in a field of its recipe (:data:`~eva_utils.config.RECIPE_FIELDS`)."""
     changed = ", ".join(
-        f"--{name.replace('_', '-')} {_flag_value(old)} -> {_flag_value(new)}"
+        f"{spelled('--' + name.replace('_', '-'), name)} {_flag_value(old)} -> {_flag_value(new)}"
         for (name, old), (_, new) in zip(saved.items(), config.items())
         if name in RECIPE_FIELDS and old != new
     )
     if changed:
         raise CheckpointError(
             f"cannot resume {out} with another recipe ({changed}): a run keeps the recipe it "
-            "started with; drop those flags, or start a new run with --out"
+            f"started with; drop those {spelled('flags', 'changes')}, or start a new run with "
+            f"{option('out')}"
         )
 
 
 def _flag_value(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def recorded_device(folder: str | Path) -> str:
+    """The device a run folder's metrics.json records (auto if it has none)."""
+    path = Path(folder) / METRICS
+    return read_metrics(path).get("config", {}).get("device", "auto") if path.is_file() else "auto"
 
 
 def holds_run(path: str | Path) -> bool:
@@ -185,13 +235,25 @@ def holds_run(path: str | Path) -> bool:
 
 def epochs_done(path: str | Path) -> int:
     """How many epochs the run in folder ``path`` has finished and saved: 0 without a
-    ``last.pt``, else the epochs its ``metrics.json`` records (read without loading the
-    checkpoint). :meth:`RunFolder.save` writes metrics.json after last.pt, so it never counts an
-    epoch that last.pt does not hold."""
+    ``last.pt``, else the epochs that both its ``metrics.json`` and its ``last.pt`` record.
+    :meth:`RunFolder.save` writes last.pt first, so a crash between the two leaves metrics.json
+    behind; older versions wrote them the other way round. Either way the run counts as
+    unfinished, and resuming it makes the files agree. Cheap: last.pt's history is read with its
+    tensors memory-mapped, not loaded."""
     path = Path(path)
     if not holds_run(path) or not (path / METRICS).is_file():
         return 0
-    return len(read_metrics(path / METRICS)["history"])
+    return min(len(read_metrics(path / METRICS)["history"]), _checkpoint_epochs(path / LAST))
+
+
+def _checkpoint_epochs(path: Path) -> int:
+    """The epochs in the history of checkpoint ``path``; 0 if it cannot be read (resuming it
+    then says why)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return len(state["history"])
+    except Exception:  # a truncated, foreign or old-style file: torch raises many kinds
+        return 0
 
 
 @dataclass
@@ -219,17 +281,18 @@ class RunFolder:
         path = Path(path)
         if resume and not holds_run(path):
             raise CheckpointError(
-                f"{path} has no checkpoint ({LAST}) to resume: start a new run with --out"
+                f"{path} has no checkpoint ({LAST}) to resume: start a new run with {option('out')}"
             )
-        check_output_folder(path, "--resume" if resume else "--out")
+        check_output_folder(path, option("resume" if resume else "out"))
         folder = cls(path, _created=not path.exists())
         path.mkdir(parents=True, exist_ok=True)
         folder._lock = _acquire_lock(path)
         try:
             if not resume and holds_run(path):
                 raise CheckpointError(
-                    f"{path} already holds a run: continue it with --resume {path}, or choose "
-                    "another --out"
+                    f"{path} already holds a run: continue it with "
+                    f"{spelled(f'--resume {path}', 'resume=True')}, or choose another "
+                    f"{option('out')}"
                 )
             if resume:
                 folder.state = load_checkpoint(path / LAST)
@@ -237,6 +300,16 @@ class RunFolder:
         except BaseException:
             folder.close()
             raise
+        return folder
+
+    @classmethod
+    def peek(cls, path: str | Path, *, resume: bool = False) -> RunFolder:
+        """The folder as a process that does not train in it sees it (the other ranks of a run
+        that the main process opened): its ``last.pt`` read to resume, nothing locked,
+        created or written."""
+        folder = cls(Path(path))
+        if resume:
+            folder.state = load_checkpoint(folder.path / LAST)
         return folder
 
     def close(self) -> None:
@@ -281,10 +354,10 @@ class RunFolder:
 
         ``state`` is :meth:`state.TrainingState.state_dict`. metrics.json goes last, so that it
         never records an epoch that last.pt (what a resume starts from) does not hold: a crash
-        between the writes leaves last.pt one epoch ahead, and the resumed run rewrites
-        metrics.json from it. A write that fails (disk full, read-only folder) raises
-        CheckpointError and leaves the files it would replace. Ctrl-C and SIGTERM wait until the
-        writes are done.
+        between the writes leaves last.pt one epoch ahead, :func:`epochs_done` counts the run as
+        unfinished, and the resumed run rewrites metrics.json from it. A write that fails (disk
+        full, read-only folder) raises CheckpointError and leaves the files it would replace.
+        Ctrl-C and SIGTERM wait until the writes are done.
         """
         history = state["history"]
         try:
@@ -297,11 +370,16 @@ class RunFolder:
                 config = Config.from_dict(state["config"])
                 write_metrics(self.path / METRICS, config, history, environment)
         except OSError as error:
+            full = error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            room = _space_needed(self.path, state) if full else ""
+            if holds_run(self.path):
+                kept, then = "the files of the epochs before are kept", resume_command(self.path)
+            else:
+                kept, then = "no epoch is saved", train_command(self.path)
             raise CheckpointError(
                 f"could not save epoch {history[-1]['epoch']} into {self.path} "
-                f"({error.strerror or error}); the files of the epochs before are kept: free "
-                f"space or make the folder writable, then python -m eva_utils train --resume "
-                f"{self.path}"
+                f"({error.strerror or error}){room}; {kept}: free space or make the folder "
+                f"writable, then {then}"
             ) from None
 
 
@@ -329,7 +407,7 @@ def _acquire_lock(folder: Path) -> int | None:
             os.close(fd)
             raise RunFileError(
                 f"{folder} is being trained by {holder}: wait until it has finished (or stop "
-                "it), or choose another --out"
+                f"it), or choose another {option('out')}"
             ) from None
         # Its last holder may have unlinked the file between our open and our lock: then we
         # hold a file nobody else will see, and must lock the one at the path instead.

@@ -7,9 +7,13 @@ KeyboardInterrupt that Ctrl-C raises, so one ``except KeyboardInterrupt`` handle
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def _in_main_thread() -> bool:
@@ -55,3 +59,28 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(signum, handler)
     if caught:
         raise KeyboardInterrupt
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def ends_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` that makes the child end when this process
+    ends, however it ends (SIGKILL, SIGHUP from a closed terminal): the kernel sends the child
+    SIGTERM, which stops it as Ctrl-C does, keeping its last finished epoch, so no orphan keeps
+    training and holding its run folder's lock. Linux only (prctl); None elsewhere."""
+    if sys.platform != "linux":
+        return None
+    return functools.partial(_end_with_parent, os.getpid())
+
+
+def _end_with_parent(parent: int) -> None:
+    """In the just-forked child: ask for SIGTERM when ``parent`` ends; if it already has
+    (before the request took effect), stop now."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl after all
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -4,6 +4,7 @@ through ``state_dict`` and ``load_state_dict``."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -15,10 +16,11 @@ from .config import Config, ghost_batch_problem, refuse
 from .data import ImageSet, load_datasets
 from .devices import select_device
 from .engine import test, train
-from .errors import CheckpointError
+from .errors import CheckpointError, option, spelled
 from .loaders import build_loaders
 from .model import build_model
 from .precision import choose_precision
+from .ranks import Ranks
 from .runfolder import LAST, check_classes, load_weights
 from .step import Step, cross_entropy
 
@@ -77,14 +79,17 @@ class TrainingState:
         config: Config,
         datasets: tuple[ImageSet, ImageSet] | None = None,
         progress: bool = True,
+        ranks: Ranks | None = None,
     ) -> None:
         self.config = config
         self.progress = progress
-        self.device = select_device(config.device)
+        self.ranks = ranks = ranks or Ranks()
+        self.device = ranks.local_device(select_device(config.device))
         seed_everything(config.seed)
         self.train_set, self.test_set = datasets or load_datasets(config)
+        refuse(ranks.batch_problem(config.batch_size, len(self.train_set)))
         if config.norm == "gbn":
-            batch = min(config.batch_size, len(self.train_set))
+            batch = min(config.batch_size, len(self.train_set)) // ranks.world_size
             refuse(ghost_batch_problem(config.num_splits, batch, f"the batch ({batch} images)"))
         self.classes = self.train_set.classes
         self.model = build_model(config, len(self.classes))
@@ -99,7 +104,7 @@ class TrainingState:
             self.model, device=self.device, precision=self.precision,
             loss_fn=cross_entropy(config.label_smoothing), tta_flip=config.tta_flip,
             compile=config.compile,
-            scheduler=self.scheduler if config.schedule == "onecycle" else None,
+            scheduler=self.scheduler if config.schedule == "onecycle" else None, ranks=ranks,
         )  # fmt: skip
         self.history: list[dict[str, Any]] = []
 
@@ -130,6 +135,7 @@ class TrainingState:
             "scaler": self.step.scaler.state_dict(),
             "rng": rng_state(self.generator),
             "history": list(self.history),
+            **({"world_size": self.ranks.world_size} if self.ranks.distributed else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -137,8 +143,14 @@ class TrainingState:
         folder checks that). On the CPU the continued run repeats the uninterrupted one
         exactly. Raises CheckpointError when this run cannot take the state."""
         check_classes(
-            LAST, state["classes"], self.classes, "resume with the run's own data (--data)"
+            LAST,
+            state["classes"],
+            self.classes,
+            f"resume with the run's own data ({option('data')})",
         )
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.ranks.world_size:
+            raise CheckpointError(_world_changed(saved_world, self.ranks.world_size, self.config))
         if self.config.schedule == "onecycle":
             saved_steps = state["scheduler"].get("total_steps")
             if saved_steps != self.scheduler.total_steps:
@@ -146,10 +158,12 @@ class TrainingState:
                     f"the run follows a onecycle schedule of {saved_steps} steps "
                     f"({state['config']['epochs']} epochs); these settings need "
                     f"{self.scheduler.total_steps}: a onecycle run cannot be lengthened or "
-                    "re-batched, so keep --epochs, --batch-size, --train-size and --max-batches, "
-                    "or start a new run with --out"
+                    "re-batched, so keep "
+                    + ", ".join(option(name) for name in ("epochs", "batch_size", "train_size"))
+                    + f" and {option('max_batches')}, or start a new run with {option('out')}"
                 )
         load_weights(self.model, state, "the checkpoint")
+        check_scaler_state(state["scaler"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -161,6 +175,35 @@ class TrainingState:
                 f"the run cannot be resumed with these settings ({error})"
             ) from None
         self.history = list(state["history"])
+
+
+def _world_changed(saved: int, now: int, config: Config) -> str:
+    """Why a run trained on ``saved`` processes cannot go on with ``now``: each BatchNorm
+    normalises one process's slice of the batch, so the recipe would change mid-run."""
+    splits = config.num_splits if config.norm == "gbn" else 1
+    per_norm = [config.batch_size // world // splits for world in (saved, now)]
+    processes = spelled("--nproc-per-node", "processes")
+    return (
+        f"the run was trained on {saved} process(es), this is {now}: each BatchNorm would "
+        f"normalise {per_norm[1]} images instead of {per_norm[0]}, another recipe; resume it "
+        f"with {saved} {processes} (torchrun), or start a new run with {option('out')}"
+    )
+
+
+def check_scaler_state(scaler: Any) -> None:
+    """Refuse a gradient scaler's saved state that would break the run: not a dict, or a scale
+    that is not a positive finite number (a NaN scale skips every later step, silently)."""
+    if not isinstance(scaler, dict):
+        raise CheckpointError(
+            f"{LAST}: its gradient scaler state is a {type(scaler).__name__}, not a dict: the "
+            "file was not written by this program; start a new run"
+        )
+    scale = scaler.get("scale")
+    if scale is not None and not (isinstance(scale, int | float) and 0 < scale < math.inf):
+        raise CheckpointError(
+            f"{LAST}: its gradient scaler's scale is {scale!r}, not a positive finite number "
+            "(every later step would be skipped); start a new run"
+        )
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .precision import Precision
+from .ranks import Ranks
 
 LossFn = Callable[..., Tensor]  # (logits, labels, reduction="mean") -> loss
 FP32 = Precision(dtype=None, scaler=False, channels_last=False)  # the plain step
@@ -29,6 +30,10 @@ class Step:
     step calls (``model`` itself, or its compiled version: the same weights). ``scheduler``, if
     given, steps after every training batch (OneCycleLR). Nothing here reads a value back from
     the device: the loss and logits stay there for the epoch meter.
+
+    Among several ``ranks`` each batch is the global one: the step computes this rank's slice
+    of it (:meth:`Ranks.share`) through DistributedDataParallel, weighting its loss so that the
+    averaged gradient is the whole batch's mean loss's, also when the slices differ in size.
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class Step:
         tta_flip: bool = False,
         compile: bool = False,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
         if device is None:  # where the model already is
             device = next(model.parameters(), torch.empty(0)).device
@@ -50,15 +56,22 @@ class Step:
             torch.channels_last if precision.channels_last else torch.contiguous_format
         )
         model.to(self.device, memory_format=self.memory_format)
-        self.model = torch.compile(model) if compile else model
+        self.ranks = ranks = ranks or Ranks()
+        shared = ranks.wrap(model, self.device)
+        self.model = torch.compile(shared) if compile else shared
+        self.weight = 1.0  # this rank's slice's share of the batch, times the world size
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision.scaler)
         self.loss_fn = loss_fn
         self.tta_flip = tta_flip
         self.scheduler = scheduler
 
     def to_device(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """A (images, labels) batch on the step's device, the images in its memory format."""
+        """A (images, labels) batch on the step's device, the images in its memory format;
+        among several ranks, this rank's slice of it."""
         images, labels = batch
+        if self.ranks.distributed:
+            images, labels, whole = self.ranks.share(images), self.ranks.share(labels), len(labels)
+            self.weight = self.ranks.world_size * len(labels) / whole
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         return images, labels.to(self.device, non_blocking=True)
 
@@ -76,12 +89,15 @@ class Step:
             logits = self.model(images)
             loss = self.loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
+        # DistributedDataParallel averages the ranks' gradients: weighted, the average is the
+        # gradient of the whole batch's mean loss
+        weighted = loss * self.weight if self.ranks.distributed else loss
         if self.scaler.is_enabled():  # fp16: scale the loss so small gradients do not vanish
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(weighted).backward()
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            loss.backward()
+            weighted.backward()
             optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
+import os
 import subprocess
 import sys
 import time
@@ -19,17 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import GRID_FIELDS, Config, field_flags, parse_field, recipe_name
+from .data import check_out_of_data
 from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged
 from .files import atomic_write_json
 from .plots import plot_sweep, save_figure
 from .progress import tqdm
 from .results import SWEEP_JSON, summarize_sweep
 from .runfolder import epochs_done, holds_run
+from .signals import ends_with_this_process
 from .training import fit
 
 SWEEP_PNG = "sweep.png"
 LOGS = "logs"  # the sweep folder's logs/<run>.log: the output of each run trained in a subprocess
+MAX_RUNS = 1000  # a sweep's cells x seeds: more is a typo (100^4), not a plan for one machine
 POLL_SECONDS = 0.5  # how often the parallel runs' progress and exits are looked at
 Grid = Mapping[str, Sequence[Any]]
 
@@ -85,7 +92,19 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
         grid[name] = [
             parse_field(name, value.replace("+", ","), source=f"--grid {name}") for value in values
         ]
+        check_distinct(name, grid[name], f"--grid {spec}")
     return grid
+
+
+def check_distinct(name: str, values: Sequence[Any], given: str) -> None:
+    """Refuse a grid whose values of ``name`` repeat (``0`` and ``0.0`` are one value): both
+    cells would train one folder at once."""
+    for index, value in enumerate(values):
+        if value in values[:index]:
+            raise ConfigError(
+                f"{given}: {name} {value!r} is given twice (the runs would share a folder); give "
+                "each value once"
+            )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -101,22 +120,64 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
     """Every cell x seed of the sweep: ``config`` with the cell's grid values and the seed, in
     ``out/<recipe name>``, with the epochs that folder holds already. Every recipe is checked
     before anything trains."""
-    for name in grid:
+    for name, values in grid.items():
         check_grid_field(name)
+        check_distinct(name, list(values), f"the grid's {name}")
     if not seeds:
         raise ConfigError("a sweep needs at least one seed")
-    runs = []
+    check_out_of_data(out, config.data)
+    count = math.prod(len(values) for values in grid.values()) * len(seeds)
+    if count > MAX_RUNS:
+        sizes = " x ".join(str(len(values)) for values in [*grid.values(), seeds])
+        raise ConfigError(
+            f"the sweep has {count:,} runs ({sizes} values x seeds), more than the {MAX_RUNS:,} "
+            "one sweep may plan: give fewer values, or split it into several sweeps"
+        )
+    runs, cells = [], {}
     for values in itertools.product(*grid.values()):
         cell = dict(zip(grid, values))
+        shown = ", ".join(f"{name}={value}" for name, value in cell.items())
         for seed in seeds:
             try:
                 run_config = config.replace(**cell, seed=seed)
             except ConfigError as error:
-                shown = ", ".join(f"{name}={value}" for name, value in cell.items())
                 raise ConfigError(f"the grid cell {shown}: {error}") from None
             folder = Path(out) / recipe_name(run_config)
+            if cells.setdefault(folder, shown) != shown:
+                raise ConfigError(
+                    f"the grid cells {cells[folder]} and {shown} are one recipe ({folder.name}): "
+                    "give values that train different runs"
+                )
             runs.append(PlannedRun(run_config, folder, epochs_done(folder)))
     return runs
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/4"`` as (2, 4): the second of four parts of a sweep's plan."""
+    index, slash, parts = text.partition("/")
+    if slash and index.strip().isdigit() and parts.strip().isdigit():
+        index, parts = int(index), int(parts)
+        if 1 <= index <= parts:
+            return index, parts
+    raise ConfigError(
+        f"--shard {text}: give I/N with 1 <= I <= N, e.g. --shard 1/4 for the first of four parts "
+        "(a job array's task: --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT)"
+    )
+
+
+def shard(runs: Sequence[PlannedRun], index: int, parts: int) -> list[PlannedRun]:
+    """Part ``index`` of ``parts`` of a plan: every ``parts``-th run from the ``index``-th, so
+    that the parts together are the plan, each run in one part (the plan's order is the same
+    on every machine: the grid's values and seeds in the order given)."""
+    return list(runs[index - 1 :: parts])
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (or their indices)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
 
 
 def train_planned(
@@ -162,11 +223,16 @@ def _train_in_subprocesses(
     todo: Sequence[PlannedRun], parallel: int, bar: Any
 ) -> list[tuple[PlannedRun, str]]:
     waiting, running, failed = list(todo), {}, []
+    gpus, placed = visible_gpus(), {}  # process -> the GPU it sees
     try:
         while waiting or running:
             while waiting and len(running) < parallel:
                 run = waiting.pop(0)
-                running[_start(run)] = [run, run.epochs_done]
+                gpu = None
+                if gpus and run.config.device in ("auto", "cuda"):  # the least busy GPU
+                    gpu = min(gpus, key=lambda g: list(placed.values()).count(g))
+                process = _start(run, gpu)
+                running[process], placed[process] = [run, run.epochs_done], gpu
             time.sleep(POLL_SECONDS)
             for process, (run, counted) in list(running.items()):
                 exited = process.poll() is not None
@@ -174,7 +240,7 @@ def _train_in_subprocesses(
                 bar.update(epochs - counted)
                 running[process][1] = epochs
                 if exited:
-                    del running[process]
+                    del running[process], placed[process]
                     if process.returncode != 0:
                         failed.append((run, _last_line(_log(run))))
             bar.set_postfix_str(f"{len(running)} running")
@@ -194,17 +260,21 @@ def _log(run: PlannedRun) -> Path:
     return run.folder.parent / LOGS / f"{run.folder.name}.log"
 
 
-def _start(run: PlannedRun) -> subprocess.Popen:
+def _start(run: PlannedRun, gpu: str | None = None) -> subprocess.Popen:
     """``python -m eva_utils train`` for ``run`` (resuming what its folder holds), its output
-    appended to its log. A session of its own: Ctrl-C reaches the sweep, which stops it."""
+    appended to its log, seeing only ``gpu`` if one is given. A session of its own: Ctrl-C
+    reaches the sweep, which stops it; and it ends when the sweep ends, whatever ends the sweep
+    (``ends_with_this_process``)."""
     where = ["--resume", str(run.folder)] if holds_run(run.folder) else ["--out", str(run.folder)]
     command = [sys.executable, "-m", "eva_utils", "train", "--quiet", *where,
                *field_flags(run.config)]  # fmt: skip
     log = _log(run)
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else None
     with open(log, "a") as output:
-        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True,
+                                preexec_fn=ends_with_this_process())  # fmt: skip
 
 
 def _last_line(path: Path) -> str:
@@ -238,16 +308,24 @@ def sweep(
     continues: complete runs are skipped, interrupted ones resumed."""
     runs = plan(config, grid, seeds, out)
     failed = train_planned(runs, parallel=parallel, progress=progress)
-    summary = write_summary(out)
+    try:
+        summary = write_summary(out)
+    except RunFileError:
+        if failed:  # no run saved an epoch: the failure is the news, not the empty summary
+            raise failure(failed, len(runs), summarised=False) from None
+        raise
     if failed:
         raise failure(failed, len(runs))
     return summary
 
 
-def failure(failed: Sequence[tuple[PlannedRun, str]], total: int) -> EvaError:
+def failure(
+    failed: Sequence[tuple[PlannedRun, str]], total: int, summarised: bool = True
+) -> EvaError:
     """One line for the runs that failed: how many, and the first one's reason."""
     run, why = failed[0]
+    summary = "the others are summarised" if summarised else "no run saved an epoch to summarise"
     return EvaError(
-        f"{len(failed)} of {total} runs failed; {run.folder}: {why} (the others are summarised; "
-        "rerun the sweep to retry them)"
+        f"{len(failed)} of {total} runs failed; {run.folder}: {why} ({summary}; rerun the sweep "
+        "to retry them)"
     )

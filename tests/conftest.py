@@ -26,6 +26,17 @@ REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 TINY_CLASSES = ("cat", "dog", "ship")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core), each worker computes in its
+    share of the cores, and so do the notebook kernels and subprocesses it starts (they inherit
+    OMP_NUM_THREADS): torch's default, a thread per core in every worker, oversubscribes them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Archives that tests extract go to a per-session temporary cache, not ~/.cache/eva8."""

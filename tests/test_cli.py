@@ -43,10 +43,11 @@ def test_train_on_a_tiny_image_folder_writes_metrics_checkpoints_and_graphs(tmp_
 
 
 def test_train_in_fp16_with_a_gradient_scaler_on_the_cpu(tmp_path):
-    """fp16 is emulated on most CPUs (about ten times slower than fp32), so one small step."""
+    """fp16 is emulated on most CPUs (about ten times slower than fp32, a step's time growing
+    with its batch), so one step of 4 images."""
     out = tmp_path / "run"
     run("train", "--precision", "fp16", "--device", "cpu", "--data", "synthetic",
-        "--train-size", "16", "--test-size", "10", "--batch-size", "16", "--epochs", "1",
+        "--train-size", "4", "--test-size", "10", "--batch-size", "4", "--epochs", "1",
         "--out", out, "--quiet")  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["precision"] == "fp16"
@@ -54,9 +55,9 @@ def test_train_in_fp16_with_a_gradient_scaler_on_the_cpu(tmp_path):
 
 
 def test_plot_redraws_the_graphs_without_training(tmp_path):
-    out = tmp_path / "run"
-    run("train", "--data", "synthetic", "--train-size", "32", "--test-size", "16",
-        "--batch-size", "16", "--epochs", "2", "--out", out, "--quiet")  # fmt: skip
+    out = tmp_path / "run"  # two epochs of one small batch: a metrics.json to draw, quickly
+    run("train", "--data", "synthetic", "--train-size", "8", "--test-size", "8",
+        "--batch-size", "8", "--epochs", "2", "--out", out, "--quiet")  # fmt: skip
     result = run("plot", out / "metrics.json", "--out", tmp_path / "graphs")
     assert {p.name for p in (tmp_path / "graphs").iterdir()} == FIGURES
     assert "wrote" in result.stdout
@@ -105,7 +106,8 @@ def test_progress_piped_into_a_log_is_one_plain_line_per_epoch(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "\x1b[" not in result.stderr and "\r" not in result.stderr
-    lines = result.stderr.splitlines()
+    start, *lines = result.stderr.splitlines()
+    assert "run folder: run" in start  # the one line before training (issue 28), then:
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], result.stderr
     assert "test_acc" in lines[1]
 

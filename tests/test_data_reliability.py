@@ -388,3 +388,33 @@ def test_empty_eva8_cache_counts_as_unset(archive, tmp_path, monkeypatch):
     folder = extract_archive(archive)
     assert folder.parent == tmp_path / "home" / ".cache" / "eva8"
     assert list(work.iterdir()) == []
+
+
+# --- a run folder inside the data folder (issue 25 item 8) -------------------------------------
+
+
+@pytest.mark.parametrize("inside", ["runs/r", "tiny/train/r", "."])
+def test_out_inside_the_data_folder_is_refused_before_any_folder_is_made(inside, tmp_path, capsys):
+    from eva_utils.cli import main
+
+    data = tmp_path / "data"
+    write_image_folder(data / "tiny", per_class=2)
+    before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
+    code = main(["train", "--data", str(data), "--out", str(data / inside), "--quiet",
+                 "--device", "cpu", "--epochs", "1"])  # fmt: skip
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert f"--out {data / inside} is inside the data folder {data}" in lines[0]
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before
+    load_cifar10(data)  # the data still loads
+
+
+def test_a_sweep_inside_the_data_folder_is_refused_before_planning(tmp_path):
+    from eva_utils import get_preset
+    from eva_utils.errors import ConfigError
+    from eva_utils.sweeps import plan
+
+    write_image_folder(tmp_path / "data" / "tiny", per_class=2)
+    config = get_preset("session8").replace(data=str(tmp_path / "data"))
+    with pytest.raises(ConfigError, match="is inside the data folder"):
+        plan(config, {"dropout": [0.0]}, [1], tmp_path / "data" / "sweep")

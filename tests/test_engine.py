@@ -89,6 +89,7 @@ def test_fit_runs_every_epoch_and_writes_a_valid_run_folder(tmp_path):
             "test_acc",
             "lr",
             "seconds",
+            "precision",
         }
         assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "last.pt", "best.pt"}

@@ -93,7 +93,7 @@ def test_report_refuses_another_test_set(other, tmp_path):
         test_set = ImageSet(test_set.images, (test_set.labels + 1) % 3, test_set.classes)
     else:
         test_set = test_set.subset(torch.arange(len(test_set) - 1))
-    with pytest.raises(DataError, match="--data PATH"):
+    with pytest.raises(DataError, match="data=PATH"):  # library words: not a CLI flag
         loaded.with_images(test_set)
 
 

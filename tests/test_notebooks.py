@@ -262,3 +262,25 @@ def test_main_notebook_setup_cell_says_what_to_do_when_the_clone_fails(tmp_path)
         f"could not clone {nowhere}: check the address (a fork sets REPOSITORY above, a mirror "
         "EVA8_REPOSITORY) and that this runtime has a network"
     ) in done.stderr
+
+
+# --- the parameter cell's values: Python values of the field's type (issue 25 item 10) ---------
+
+WRONG_TYPES = [
+    ("epochs", "3", "epochs='3': give a whole number"),
+    ("epochs", 3.5, "epochs=3.5: give a whole number"),
+    ("lr", "0.1", "lr='0.1': give a number"),
+    ("dropout", None, "dropout=None: give a number"),
+    ("train_size", 64.0, "train_size=64.0: give a whole number or None"),
+    ("nesterov", "False", "nesterov='False': give True or False"),
+]
+
+
+@pytest.mark.parametrize("name, value, says", WRONG_TYPES)
+def test_a_parameter_of_the_wrong_type_is_one_config_error(name, value, says):
+    from eva_utils import notebook
+    from eva_utils.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        notebook.notebook_config(**{name: value})
+    assert str(error.value).startswith(says) and "\n" not in str(error.value)

@@ -182,3 +182,66 @@ def test_fp16_autocast_really_computes_in_fp16_on_the_cpu():
     model, batches = linear_model_and_batches(1)
     with torch.autocast("cpu", dtype=torch.float16):
         assert model(batches[0][0]).dtype == torch.float16
+
+
+# --- what "auto" resolved to, per epoch; a scaler state that cannot work (issue 25 item 9) ----
+
+RESUMABLE = Config(
+    data="synthetic", train_size=16, test_size=8, batch_size=8, max_batches=1, device="cpu",
+    epochs=2,
+)  # fmt: skip
+
+
+def _saved_in(config: Config, out: Path, precision: str) -> None:
+    """A run folder holding epoch 1 of ``config``, recorded as trained in ``precision``."""
+    from eva_utils.devices import environment
+    from eva_utils.runfolder import RunFolder
+    from eva_utils.state import TrainingState
+
+    run = TrainingState(config, progress=False)
+    run.history.append(
+        dict(epoch=1, train_loss=2.3, train_acc=0.1, test_loss=2.3, test_acc=0.1, lr=config.lr,
+             seconds=1.0, precision=precision)
+    )  # fmt: skip
+    RunFolder(out).save(run.state_dict(), environment(run.device))
+
+
+def test_each_epoch_records_the_precision_auto_resolved_to(tmp_path):
+    from eva_utils.training import fit
+
+    history = fit(RESUMABLE, out=tmp_path / "run", progress=False)
+    resolved = choose_precision(torch.device("cpu")).name
+    assert [row["precision"] for row in history] == [resolved, resolved]
+
+
+def test_a_resume_that_changes_the_resolved_precision_says_so_in_one_line(tmp_path, capsys):
+    from eva_utils.training import fit
+
+    resolved = choose_precision(torch.device("cpu")).name
+    other = "fp16" if resolved != "fp16" else "bf16"  # what another machine resolved it to
+    _saved_in(RESUMABLE, tmp_path / "run", other)
+    history = fit(RESUMABLE, out=tmp_path / "run", resume=True, progress=False)
+    assert [row["precision"] for row in history] == [other, resolved]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert lines == [
+        f"note: this run continues in {resolved} (precision=auto on this hardware); its epochs "
+        f"up to 1 were trained in {other}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "scaler, says",
+    [(lambda saved: [1.0, 2.0], "gradient scaler state is a list, not a dict"),
+     (lambda saved: {**saved, "scale": math.nan}, "gradient scaler's scale is nan")],
+)  # fmt: skip
+def test_a_last_pt_with_an_unusable_scaler_state_is_one_checkpoint_error(scaler, says):
+    from eva_utils.errors import CheckpointError
+    from eva_utils.state import TrainingState
+
+    config = RESUMABLE.replace(precision="fp16")
+    saved = TrainingState(config, progress=False).state_dict()
+    assert saved["scaler"]["scale"] > 0  # fp16 on this CPU: a real scaler's state
+    saved["scaler"] = scaler(saved["scaler"])
+    with pytest.raises(CheckpointError, match=says) as error:
+        TrainingState(config, progress=False).load_state_dict(saved)
+    assert "\n" not in str(error.value)

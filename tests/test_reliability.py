@@ -4,6 +4,7 @@ numbers of an uninterrupted run, and no temporary file may stay in the run folde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_utils import files, get_preset, runfolder
+from eva_utils import files, get_preset, runfolder, sweeps
 from eva_utils.errors import Interrupted
 from eva_utils.training import fit
 
@@ -232,3 +233,133 @@ def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(tmp_path, m
         == "eva8: stopped in epoch 1; no epoch had finished, nothing to resume\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+# --- a crash between the files of one epoch (issue 25 item 3) ---------------------------------
+
+CRASH_AFTER = """
+import os, signal, sys
+from pathlib import Path
+from eva_utils import get_preset, runfolder, sweeps
+
+real_checkpoint, real_metrics = runfolder.save_checkpoint, runfolder.write_metrics
+
+def die_after(path, epoch):
+    if path.name == sys.argv[2] and epoch == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # between this file and the next one
+
+def save_checkpoint(state, path):
+    real_checkpoint(state, path)
+    die_after(path, len(state.get("history", ())))
+
+def write_metrics(path, config, history, environment):
+    real_metrics(path, config, history, environment)
+    die_after(path, len(history))
+
+runfolder.save_checkpoint, runfolder.write_metrics = save_checkpoint, write_metrics
+config = get_preset("session8").replace(
+    data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=1, device="cpu",
+    epochs=2,
+)
+sweeps.sweep(config, {"dropout": [0.0]}, [1], out=sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.parametrize("written", [runfolder.LAST, runfolder.METRICS])
+def test_a_sweep_killed_between_the_files_of_an_epoch_is_finished_by_its_rerun(written, tmp_path):
+    """SIGKILL right after epoch 2's ``written`` (a hook, not a race; whichever of last.pt and
+    metrics.json goes first, the other is then one epoch behind): the rerun of the sweep must see
+    the run as unfinished and complete it with the numbers of an unbroken run."""
+    config = TINY  # 2 epochs: the crash is in the last one, after which a run looks complete
+    killed = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER, str(tmp_path / "sweep"), written], env=cli_env(),
+        timeout=TIMEOUT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (run,) = sweeps.plan(config, {"dropout": [0.0]}, [1], tmp_path / "sweep")
+    sweeps.sweep(config, {"dropout": [0.0]}, [1], out=tmp_path / "sweep", progress=False)
+    full = fit(run.config, progress=False)
+    metrics = runfolder.read_metrics(run.folder / runfolder.METRICS)
+    assert without_seconds(metrics["history"]) == without_seconds(full)
+    assert saved_epochs(run.folder) == [1, 2]
+    assert set(leftovers(run.folder)) <= {runfolder.LOCK}  # a killed holder's, unlocked
+
+
+def test_a_sweep_rerun_finishes_a_run_whose_checkpoint_is_behind_its_metrics(tmp_path):
+    """metrics.json one epoch ahead of last.pt (as older versions left it after a crash): the
+    run is not complete, and the rerun trains the epoch that last.pt lacks."""
+    (run,) = sweeps.plan(TINY, {"dropout": [0.0]}, [1], tmp_path)
+    fake_checkpoint(run.config, run.folder, epochs=1)
+    metrics = runfolder.read_metrics(run.folder / runfolder.METRICS)
+    ahead = [*metrics["history"], {**metrics["history"][0], "epoch": 2}]
+    runfolder.write_metrics(
+        run.folder / runfolder.METRICS, run.config, ahead, metrics["environment"]
+    )
+    (run,) = sweeps.plan(TINY, {"dropout": [0.0]}, [1], tmp_path)
+    assert not run.complete
+
+    sweeps.sweep(TINY, {"dropout": [0.0]}, [1], out=tmp_path, progress=False)
+    assert saved_epochs(run.folder) == [1, 2]
+    history = runfolder.read_metrics(run.folder / runfolder.METRICS)["history"]
+    assert [row["seconds"] for row in history][0] == 1.0 and history[1]["seconds"] != 1.0
+
+
+# --- the children of a parallel sweep end with it (issue 25 item 5) ---------------------------
+
+PARALLEL_SWEEP = """
+import sys
+from eva_utils import get_preset, sweeps
+config = get_preset("session8").replace(
+    data="synthetic", train_size=32, test_size=10, batch_size=4, device="cpu", epochs=500,
+)
+sweeps.sweep(config, {"dropout": [0.0, 0.1]}, [1], out=sys.argv[1], parallel=2, progress=False)
+"""
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The pid that ``folder``'s lock file names, once it names one."""
+    try:
+        return json.loads((folder / runfolder.LOCK).read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def lock_is_free(folder: Path) -> bool:
+    import fcntl
+
+    if not (folder / runfolder.LOCK).exists():  # its holder stopped and removed it
+        return True
+    with open(folder / runfolder.LOCK, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(file, fcntl.LOCK_UN)
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="children follow their parent on Linux")
+def test_killing_a_parallel_sweep_with_sigkill_ends_its_children(tmp_path):
+    """The parent gets SIGKILL (no handler can run) while both children train: they must end
+    within seconds and free their run folders, so that the rerun is not locked out."""
+    parent = subprocess.Popen([sys.executable, "-c", PARALLEL_SWEEP, str(tmp_path)], env=cli_env())
+    runs = sweeps.plan(TINY.replace(train_size=32, batch_size=4, epochs=500, max_batches=None),
+                       {"dropout": [0.0, 0.1]}, [1], tmp_path)  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT
+    while not all(lock_holder(run.folder) for run in runs):
+        assert parent.poll() is None, "the sweep ended before its children started"
+        assert time.monotonic() < deadline, "the children never started"
+        time.sleep(0.1)
+    assert not any(lock_is_free(run.folder) for run in runs), "a child did not take its lock"
+    children = [lock_holder(run.folder) for run in runs]
+    parent.kill()
+    parent.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(lock_is_free(run.folder) for run in runs):
+            assert time.monotonic() < deadline, "the children outlived their parent by a minute"
+            time.sleep(0.2)
+    finally:  # leave no orphan behind, even when the test fails
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

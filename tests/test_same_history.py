@@ -60,7 +60,8 @@ def _history(package_root: Path, preset: str, changes: dict) -> list[dict]:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return [
-        {key: value for key, value in row.items() if key != "seconds"}
+        # the numbers: not the time, nor the precision label that the code before did not record
+        {key: value for key, value in row.items() if key not in ("seconds", "precision")}
         for row in json.loads(done.stdout.strip().splitlines()[-1])
     ]
 

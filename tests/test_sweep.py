@@ -14,6 +14,7 @@ import pytest
 from eva_utils import get_preset, sweeps
 from eva_utils.cli import build_parser, config_from_args, main
 from eva_utils.config import Config, field_flags
+from eva_utils.errors import ConfigError
 from eva_utils.results import PROVENANCE, SWEEP_JSON, recorded_runs, summarize_sweep
 from eva_utils.runfolder import LAST, METRICS, read_metrics, write_metrics
 from eva_utils.sweeps import SWEEP_PNG, plan, sweep
@@ -149,6 +150,10 @@ BAD_INPUT = {
     "--seeds 1,x": "--seeds must be a whole number, got 'x'",
     "--seeds 1,,2": "--seeds must be a whole number, got ''",
     "--grid dropout=0 --dropout 0.1": "--dropout and --grid dropout",
+    "--grid dropout=0,0.0": "--grid dropout=0,0.0: dropout 0.0 is given twice",
+    "--grid dropout=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --grid lr=0.1,0.2,0.3,0.4,0.5 --grid "
+    "momentum=0.1,0.2,0.3,0.4,0.5 --seeds 1,2,3,4,5": "the sweep has 1,250 runs (10 x 5 x 5 x 5 "
+    "values x seeds), more than the 1,000",
 }
 
 
@@ -191,3 +196,48 @@ def test_parallel_runs_share_an_empty_data_cache(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "sweep" / SWEEP_JSON).read_text())
     assert [cell["grid"] for cell in summary["cells"]] == [{"dropout": 0.0}, {"dropout": 0.1}]
     assert all(math.isfinite(cell["best_acc"]["mean"]) for cell in summary["cells"])
+
+
+def test_a_grid_of_100_to_the_4_is_refused_at_once_not_planned():
+    grid = {name: [i / 1000 for i in range(1, 101)] for name in ("dropout", "lr", "momentum")}
+    grid["weight_decay"] = [i / 1e5 for i in range(100)]
+    with pytest.raises(ConfigError, match=r"the sweep has 100,000,000 runs .* than the 1,000"):
+        plan(get_preset("session8"), grid, [1], "unused")
+
+
+def test_grid_values_that_are_one_recipe_are_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"the grid's dropout: dropout 0.0 is given twice"):
+        plan(get_preset("session8"), {"dropout": [0, 0.0]}, [1], tmp_path)
+
+
+def test_a_cell_whose_runs_differ_in_length_says_so_in_its_label(tmp_path):
+    config = get_preset("session8")
+    _record(tmp_path / "a", config.replace(seed=1), [0.80, 0.86, 0.87])
+    _record(tmp_path / "b", config.replace(seed=2), [0.82, 0.84])
+    (cell,) = summarize_sweep(tmp_path)["cells"]
+    assert cell["label"] == "GBN 2 splits, dropout 0.1 [runs of 2-3 epochs]"
+
+
+def test_summarize_skips_a_foreign_run_without_a_config_with_a_note(tmp_path, capsys):
+    config = get_preset("session8")
+    _record(tmp_path / "a", config.replace(seed=1), [0.80, 0.86])
+    _record(tmp_path / "b", config.replace(seed=2), [0.82, 0.84])
+    metrics = read_metrics(tmp_path / "a" / METRICS)
+    (tmp_path / "foreign").mkdir()
+    foreign = {"environment": {}, "history": metrics["history"]}  # no config
+    (tmp_path / "foreign" / METRICS).write_text(json.dumps(foreign))
+    assert main(["sweep", "--summarize", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {tmp_path / 'foreign'}: its metrics.json records no config" in out
+    assert json.loads((tmp_path / SWEEP_JSON).read_text())["cells"][0]["runs"] == ["a", "b"]
+
+
+def test_the_sweep_figure_counts_one_seed_as_one_seed(tmp_path):
+    from eva_utils.plots import plot_sweep
+
+    config = get_preset("session8")
+    _record(tmp_path / "a", config.replace(seed=1), [0.80, 0.86])
+    _record(tmp_path / "b", config.replace(seed=1, dropout=0.0), [0.82, 0.84])
+    figure = plot_sweep(summarize_sweep(tmp_path)["cells"])
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert all(label.endswith("(1 seed)") for label in labels[:2]), labels

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,11 +286,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **options)
 
 
-def field_flags(config: Config) -> list[str]:
-    """The command-line flags that give every field of ``config`` whatever the preset, as
-    :func:`parse_field` reads them: ``--train-size none``, ``--no-amp``, ``--augment a,b``."""
+def field_flags(config: Config, names: Collection[str] | None = None) -> list[str]:
+    """The command-line flags that give every field of ``config`` (or the fields ``names``)
+    whatever the preset, as :func:`parse_field` reads them: ``--train-size none``,
+    ``--no-amp``, ``--augment a,b``."""
     flags = []
     for name, value in config.items():
+        if names is not None and name not in names:
+            continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else f"--no-{flag[2:]}")

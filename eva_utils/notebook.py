@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import analysis, pretrained
-from .config import Config, get_preset, parse_field, recipe_name
+from .config import Config, field_flags, get_preset, parse_field, recipe_name
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, load_datasets
 from .devices import describe, select_device
 from .errors import ConfigError, DataError, EvaError
@@ -333,18 +333,13 @@ def torchrun_command(config: Config, gpus: int, out: str) -> str:
     into ``out``: one process per GPU, the same global batch, and Ghost BatchNorm's splits
     divided among the GPUs where they divide (each GPU's BatchNorm already normalises its own
     slice of the batch), so that the run normalises over the same ghost batches as one GPU."""
-    gpus = max(gpus, 1)
-    changes = {name: value for name, value in config.items()
-               if value != getattr(get_preset("session8"), name)}  # fmt: skip
+    gpus, preset = max(gpus, 1), get_preset("session8")
     if config.norm == "gbn" and config.num_splits % gpus == 0:
-        changes["num_splits"] = config.num_splits // gpus
-    flags = []
-    for name, value in changes.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else f"--no-{flag[2:]}")
-        elif name != "device":  # each process takes its own GPU
-            flags += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+        config = config.replace(num_splits=config.num_splits // gpus)
+    # every field the recipe changes, but the device: each process takes its own GPU
+    changed = [name for name, value in config.items()
+               if name != "device" and value != getattr(preset, name)]  # fmt: skip
+    flags = field_flags(config, changed)
     return shlex.join(
         ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "eva_utils", "train",
          "--out", out, *flags]

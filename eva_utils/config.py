@@ -13,6 +13,7 @@ import json
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, option
@@ -24,6 +25,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # what each means: eva_utils.prec
 LOADERS = ("device", "torchvision")
 NORMS = ("bn", "gbn")  # what eva_utils.model.norm_layer builds
 ARCHITECTURES = ("resnet18", "resnet34")  # eva_utils.model's networks
+SYNTHETIC = "synthetic"  # the data source of smoke runs: eva_utils.data.synthetic_cifar10
 
 
 # --- the checks of values, each written once: Config runs them all before any work, and the
@@ -353,10 +355,46 @@ def hyperparameter_table(config: Config, fields: tuple[str, ...] | None = None) 
     return "\n".join(rows)
 
 
-def recipe_name(config: Config) -> str:
+# --- the data a run trains on: recorded by where it is, told apart by what it is ---------------
+
+
+def data_source(data: str | None) -> str | None:
+    """``data`` as a run records it: a path that exists made absolute (links followed), so that
+    the run finds its data again from any working folder; none, synthetic and a path that is
+    not there as they are (the error that refuses it names it as typed)."""
+    if data is None or data == SYNTHETIC or not Path(data).expanduser().exists():
+        return data
+    return str(Path(data).expanduser().resolve())
+
+
+def data_identity(data: str | None) -> str | None:
+    """What ``data`` is, for telling recipes apart: an archive by its size in bytes (the same
+    archive in another folder, or reached by another path, is the same data), a folder (or a
+    path that is not there) by its absolute path; none and synthetic as they are."""
+    if data is None or data == SYNTHETIC:
+        return data
+    source = str(Path(data).expanduser().resolve())
+    try:
+        if Path(source).is_file():
+            return f"an archive of {Path(source).stat().st_size} bytes"
+    except OSError:
+        pass
+    return source
+
+
+def same_data(recorded: str | None, given: str | None) -> bool:
+    """Whether ``given`` names the data that a run recorded as ``recorded``."""
+    return recorded == given or data_identity(recorded) == data_identity(given)
+
+
+def recipe_name(config: Config, *, data_as_typed: bool = False) -> str:
     """A run folder name for ``config``'s recipe (:data:`RECIPE_FIELDS`): readable, and
-    different for every recipe, so that two recipes never share a folder."""
+    different for every recipe, so that two recipes never share a folder. The data counts by
+    what it is (:func:`data_identity`), so the same archive from another folder gives the same
+    name; ``data_as_typed`` gives the name that versions before that gave (the path's text)."""
     recipe = {k: v for k, v in config.to_dict().items() if k in RECIPE_FIELDS}
+    if not data_as_typed:
+        recipe["data"] = data_identity(config.data)
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     norm = f"gbn{config.num_splits}" if config.norm == "gbn" else "bn"
     images = f"{config.train_size}img" if config.train_size else "all"

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .archives import DECODED, extract_archive, list_images, split_root
-from .config import Config
+from .config import SYNTHETIC, Config
 from .errors import ConfigError, DataError, DataFileError, data_hint, option
 from .files import atomic_write, remove_dead_scratch
 
@@ -30,7 +30,6 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # (height, width) the pytorch-cifar ResNet18 is built for: its final 4x4 average pool must see
 # 4x4 maps, and larger images make the linear layer's input too wide.
 IMAGE_SIZE = (32, 32)
-SYNTHETIC = "synthetic"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .config import RECIPE_FIELDS, Config
+from .config import RECIPE_FIELDS, Config, same_data
 from .errors import (
     CheckpointError,
     RunFileError,
@@ -208,7 +208,7 @@ def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
     changed = ", ".join(
         f"{spelled('--' + name.replace('_', '-'), name)} {_flag_value(old)} -> {_flag_value(new)}"
         for (name, old), (_, new) in zip(saved.items(), config.items())
-        if name in RECIPE_FIELDS and old != new
+        if name in RECIPE_FIELDS and old != new and not (name == "data" and same_data(old, new))
     )
     if changed:
         raise CheckpointError(

@@ -142,7 +142,7 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
                 run_config = config.replace(**cell, seed=seed)
             except ConfigError as error:
                 raise ConfigError(f"the grid cell {shown}: {error}") from None
-            folder = Path(out) / recipe_name(run_config)
+            folder = _run_folder(Path(out), run_config)
             if cells.setdefault(folder, shown) != shown:
                 raise ConfigError(
                     f"the grid cells {cells[folder]} and {shown} are one recipe ({folder.name}): "
@@ -150,6 +150,17 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
                 )
             runs.append(PlannedRun(run_config, folder, epochs_done(folder)))
     return runs
+
+
+def _run_folder(out: Path, config: Config) -> Path:
+    """``out/<recipe name>``; a run that an earlier version started under the name its data
+    path's text gave (:func:`~eva_utils.config.recipe_name`) keeps that folder."""
+    folder = out / recipe_name(config)
+    if not folder.exists() and config.data is not None:
+        typed = out / recipe_name(config, data_as_typed=True)
+        if typed.is_dir():
+            return typed
+    return folder
 
 
 def parse_shard(text: str) -> tuple[int, int]:

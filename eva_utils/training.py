@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import Config, divergence_advice, preset_name, refuse
+from .config import Config, data_source, divergence_advice, preset_name, refuse
 from .data import ImageSet, check_out_of_data
 from .devices import describe, environment, select_device
 from .errors import (
@@ -67,7 +67,8 @@ def fit(
     with _opened(out, resume, config, ranks) as folder, sigterm_as_interrupt():
         state = None
         try:
-            state = TrainingState(config, datasets, progress and ranks.is_main, ranks)
+            recorded = config.replace(data=data_source(config.data))  # found from any folder
+            state = TrainingState(recorded, datasets, progress and ranks.is_main, ranks)
             if folder is not None and folder.state is not None:
                 state.load_state_dict(folder.state)
                 if change := precision_change(state):

@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import PRESETS, Config, add_config_flags, get_preset
 from .errors import ConfigError, EvaError, Interrupted, RunFileError, command_line_words
 from .files import check_output_folder
-from .signals import sigterm_as_interrupt
+from .signals import signals_deferred, sigterm_as_interrupt
 
 PROG = "eva8"
 DEFAULT_PRESET = "session8"
@@ -400,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             args.argv = sys.argv[1:] if argv is None else argv  # to say how to continue
             debug, command = args.debug, args.command
+            with signals_deferred():  # a Ctrl-C inside torch's imports leaves it half loaded
+                import torch  # noqa: F401
             try:
                 COMMANDS[command](args)
             finally:

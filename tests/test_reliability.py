@@ -50,10 +50,10 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
 
 
 def wait_for_first_epoch(process: subprocess.Popen, run: Path) -> float:
-    """Block until ``run/last.pt`` holds epoch 1 (it is renamed into place complete, and
-    written last); return that epoch's duration in seconds."""
+    """Block until ``run/metrics.json`` holds epoch 1 (it is renamed into place complete, and
+    written after last.pt); return that epoch's duration in seconds."""
     deadline = time.monotonic() + TIMEOUT
-    while not (run / runfolder.LAST).exists():
+    while not (run / runfolder.METRICS).exists():
         if process.poll() is not None:
             pytest.fail(f"training ended before its first epoch:\n{process.communicate()[1]}")
         if time.monotonic() > deadline:

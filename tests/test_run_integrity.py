@@ -199,6 +199,44 @@ def test_a_signal_at_start_up_exits_130_with_one_line(signum, tmp_path):
     assert "Traceback" not in err
 
 
+# Started in place of ``python -m eva_utils``: the first time ``sys.argv[1]`` is imported (a
+# module that ``import torch`` loads on the way), this process sends itself SIGINT, as a Ctrl-C
+# in the seconds torch takes to load would. A hook, not a race: the signal lands mid-import.
+INTERRUPTED_IMPORT = """
+import os, signal, sys
+from importlib.abc import MetaPathFinder
+
+class InterruptAt(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == TARGET:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+TARGET = sys.argv.pop(1)
+sys.meta_path.insert(0, InterruptAt())
+from eva_utils.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("module", ["torch.nn", "torch.optim", "torch.fx"])
+def test_ctrl_c_while_torch_loads_exits_130_with_one_line(module, tmp_path):
+    """Before, the interrupt could land inside torch's own imports, which left torch half
+    loaded: a traceback (``partially initialized module 'torch'``), or a run that went on."""
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_IMPORT, module, "train", "--data", "synthetic",
+         "--train-size", "16", "--test-size", "8", "--max-batches", "1", "--epochs", "1",
+         "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "eva8: interrupted before training started: nothing was saved or changed"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
 # --- 4. unwritable and full run folders ---------------------------------------------------------
 
 

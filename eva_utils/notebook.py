@@ -45,7 +45,7 @@ SMOKE_ENV = "EVA_SMOKE"
 RUN_DIR_ENV = "EVA_RUN_DIR"
 OVERRIDE_PREFIX = "EVA_"
 # A run that exercises every cell in seconds on a CPU, with no data set and no network.
-SMOKE = {"epochs": 1, "data": "synthetic", "train_size": 256, "test_size": 128, "device": "cpu"}
+SMOKE = {"epochs": 1, "data": "synthetic", "train_size": 128, "test_size": 64, "device": "cpu"}
 COLAB_GPU_ADVICE = (
     "WARNING: this Colab runtime has no GPU, training will be very slow. Choose "
     "Runtime > Change runtime type > T4 GPU (or better), then Runtime > Run all."

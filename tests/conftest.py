@@ -37,6 +37,29 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+# The files that take longest (pytest --durations on 2 cores, longest first): started first, so
+# that the workers of `make test` (each takes whole files) end together, not with one of them
+# training the last long file alone while the other core idles.
+LONG_FILES = (
+    "tests/test_distributed.py", "tests/test_real_data.py", "tests/test_engine.py",
+    "tests/test_resume.py", "tests/test_notebooks.py", "tests/test_reliability.py",
+    "notebooks/session8_resnet18_gbn.ipynb", "tests/test_same_history.py", "tests/test_cli.py",
+    "tests/test_run_integrity.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    """The long files first (:data:`LONG_FILES`), the others after them in their usual order."""
+    rank = {name: index for index, name in enumerate(LONG_FILES)}
+
+    def file_rank(item) -> int:
+        path = Path(str(item.path)).resolve()
+        name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+        return rank.get(name, len(rank))
+
+    items.sort(key=file_rank)  # stable: each file's tests keep their order
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Archives that tests extract go to a per-session temporary cache, not ~/.cache/eva8."""

@@ -21,10 +21,11 @@ RECIPES = {
     # GBN 2 splits and dropout, StepLR stepped per epoch, every augmentation
     "session8": dict(epochs=3, step_size=1),
     # BatchNorm, OneCycleLR stepped per batch, label smoothing, Nesterov, flip TTA
-    "fast": dict(epochs=2, batch_size=32, lr=0.1),
+    "fast": dict(epochs=2, lr=0.1),
 }
+# Two batches an epoch: enough for every per-batch and per-epoch step to count.
 SMALL = dict(
-    data="synthetic", train_size=64, test_size=32, batch_size=16, device="cpu",
+    data="synthetic", train_size=32, test_size=16, batch_size=16, device="cpu",
     precision="fp32", seed=3,
 )  # fmt: skip
 RUN = """

@@ -25,7 +25,7 @@ _EXPORTS = {
     "print_summary": "summary", "summary": "summary", "sweep": "sweeps",
 }  # fmt: skip
 _SUBMODULES = (
-    "analysis", "archives", "cli", "config", "data", "devices", "engine", "errors",
+    "analysis", "archives", "cli", "colab", "config", "data", "devices", "engine", "errors",
     "files", "gbn", "loaders", "locks", "model", "notebook", "plots", "pretrained", "progress",
     "ranks", "receptive_fields", "results", "runfolder", "signals", "state", "step", "summary",
     "sweeps", "training",

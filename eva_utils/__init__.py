@@ -25,10 +25,10 @@ _EXPORTS = {
     "print_summary": "summary", "summary": "summary", "sweep": "sweeps",
 }  # fmt: skip
 _SUBMODULES = (
-    "analysis", "archives", "cli", "config", "data", "devices", "engine", "errors", "files",
-    "gbn", "loaders", "model", "notebook", "plots", "pretrained", "progress", "ranks",
-    "receptive_fields", "results", "runfolder", "signals", "state", "step", "summary", "sweeps",
-    "training",
+    "analysis", "archives", "cli", "colab", "config", "data", "devices", "engine", "errors",
+    "files", "gbn", "loaders", "locks", "model", "notebook", "plots", "pretrained", "progress",
+    "ranks", "receptive_fields", "results", "runfolder", "signals", "state", "step", "summary",
+    "sweeps", "training",
 )  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

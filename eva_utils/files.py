@@ -40,8 +40,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=scratch_suffix(), dir=path.parent)
     try:
-        # mkstemp makes the file private (0600); give it the permissions open() would have.
-        os.chmod(tmp, 0o666 & ~_umask())
+        # mkstemp makes the file private (0600); give it the permissions open() would have,
+        # where the file system has permissions to give (some FUSE and SMB mounts refuse).
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import analysis, pretrained
+from .colab import DRIVE_MOUNT_ENV, in_colab, runs_on_drive
 from .config import Config, field_flags, get_preset, parse_field, recipe_name
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, load_datasets
 from .devices import describe, select_device
@@ -50,10 +51,6 @@ COLAB_GPU_ADVICE = (
     "WARNING: this Colab runtime has no GPU, training will be very slow. Choose "
     "Runtime > Change runtime type > T4 GPU (or better), then Runtime > Run all."
 )
-
-
-def in_colab() -> bool:
-    return "google.colab" in sys.modules
 
 
 def smoke_mode() -> bool:
@@ -128,7 +125,7 @@ def _override_variables() -> dict[str, str]:
     variable but the notebook's own (EVA_SMOKE...) is a ConfigError: a misspelt override
     (``EVA_EPOCH``) would otherwise be ignored without a word."""
     fields = {f"{OVERRIDE_PREFIX}{f.name.upper()}": f.name for f in dataclasses.fields(Config)}
-    own = {SMOKE_ENV, RUN_DIR_ENV, REFERENCE_ENV, pretrained.URL_ENV}
+    own = {SMOKE_ENV, RUN_DIR_ENV, REFERENCE_ENV, pretrained.URL_ENV, DRIVE_MOUNT_ENV}
     for variable in sorted(os.environ):
         if variable.startswith(OVERRIDE_PREFIX) and variable not in {*fields, *own}:
             close = difflib.get_close_matches(variable, [*fields, *own], n=1)
@@ -143,9 +140,11 @@ def _override_variables() -> dict[str, str]:
 SMOKE_PREFIX = "eva8-smoke-"
 
 
-def run_folder(parent: str, config: Config) -> Path:
-    """The run folder of ``config``'s recipe under ``parent`` (``EVA_RUN_DIR`` overrides the
-    folder itself), or, in smoke mode, a temporary folder deleted when the kernel exits."""
+def run_folder(parent: str, config: Config, *, keep_on_drive: bool = False) -> Path:
+    """The run folder of ``config``'s recipe under ``parent``, on Google Drive with
+    ``keep_on_drive`` in Colab (:func:`eva_utils.colab.runs_on_drive`); ``EVA_RUN_DIR``
+    overrides the folder itself. In smoke mode, a temporary folder deleted when the kernel
+    exits."""
     if smoke_mode():
         remove_stale_smoke_folders()
         folder = make_scratch_folder(tempfile.gettempdir(), SMOKE_PREFIX)
@@ -155,7 +154,7 @@ def run_folder(parent: str, config: Config) -> Path:
         folder = Path(os.environ[RUN_DIR_ENV])
         print(f"override: run folder = {str(folder)!r}")
     else:
-        folder = Path(parent) / recipe_name(config)
+        folder = (runs_on_drive(parent) if keep_on_drive else Path(parent)) / recipe_name(config)
     print(f"run folder: {folder} (one folder per recipe: a changed recipe trains in a new one)")
     return folder
 

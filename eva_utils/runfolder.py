@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
-import logging
 import math
-import os
 import shutil
-import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +37,7 @@ from .files import (
     read_json,
     remove_dead_scratch,
 )
+from .locks import hold, release
 from .signals import signals_deferred
 
 FORMAT = "eva8-checkpoint"
@@ -286,7 +282,7 @@ class RunFolder:
         check_output_folder(path, option("resume" if resume else "out"))
         folder = cls(path, _created=not path.exists())
         path.mkdir(parents=True, exist_ok=True)
-        folder._lock = _acquire_lock(path)
+        folder._lock = hold(path / LOCK)
         try:
             if not resume and holds_run(path):
                 raise CheckpointError(
@@ -315,9 +311,7 @@ class RunFolder:
     def close(self) -> None:
         """Let another process train here; a folder this one made and left empty goes too."""
         if self._lock is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path / LOCK)  # while still holding it: see _acquire_lock
-            os.close(self._lock)
+            release(self.path / LOCK, self._lock)
             self._lock = None
         if self._created:
             with contextlib.suppress(OSError):  # not empty: the run's files stay
@@ -381,61 +375,3 @@ class RunFolder:
                 f"({error.strerror or error}){room}; {kept}: free space or make the folder "
                 f"writable, then {then}"
             ) from None
-
-
-# --- the lock ----------------------------------------------------------------------------------
-
-log = logging.getLogger(__name__)
-
-
-def _acquire_lock(folder: Path) -> int | None:
-    """Hold ``folder``'s lock file (an flock, which the system releases when its process ends in
-    any way: a kill -9 never leaves the folder locked) and write who holds it. Returns the open
-    file; raises RunFileError naming the process that holds it. Where the platform has no flock
-    (Windows), nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    path = folder / LOCK
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd) or "another process"
-            os.close(fd)
-            raise RunFileError(
-                f"{folder} is being trained by {holder}: wait until it has finished (or stop "
-                f"it), or choose another {option('out')}"
-            ) from None
-        # Its last holder may have unlinked the file between our open and our lock: then we
-        # hold a file nobody else will see, and must lock the one at the path instead.
-        with contextlib.suppress(FileNotFoundError):
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-        os.close(fd)
-    previous = _holder(fd)
-    if previous:
-        log.warning(
-            "%s: took over the run folder's lock from %s, which no longer holds it (it stopped "
-            "without releasing it: killed, or on another machine)",
-            folder,
-            previous,
-        )
-    os.ftruncate(fd, 0)
-    host = socket.gethostname()
-    since = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": host, "since": since}).encode())
-    return fd
-
-
-def _holder(fd: int) -> str:
-    """Who the lock file says holds it ("process 123 on HOST since ..."), or "" if empty."""
-    os.lseek(fd, 0, os.SEEK_SET)
-    text = os.read(fd, 4096).decode(errors="replace")
-    try:
-        holder = json.loads(text)
-        return f"process {holder['pid']} on {holder['host']} (since {holder['since']})"
-    except (ValueError, KeyError, TypeError):
-        return f"another process ({text.strip()!r})" if text.strip() else ""

@@ -1,11 +1,15 @@
 """One process trains in a run folder at a time: a second one is refused in one line naming the
-first, and a lock whose holder died (kill -9, another machine) is taken over with a note. The
-holders are real processes."""
+first, and a lock whose holder died (kill -9, another machine) is taken over with a note; on a
+file system without flock, training goes on unlocked with a note. The holders are real
+processes."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -103,7 +107,7 @@ def test_a_stale_lock_file_of_another_machine_is_taken_over_with_a_note(tmp_path
     (tmp_path / "run").mkdir()
     stale = {"pid": 4321, "host": "a-closed-laptop", "since": "2026-11-29 10:00:00"}
     (tmp_path / "run" / LOCK).write_text(json.dumps(stale))
-    with caplog.at_level(logging.WARNING, logger=runfolder.__name__):
+    with caplog.at_level(logging.WARNING, logger="eva_utils"):
         fit(TINY, out=tmp_path / "run", progress=False)
     assert "took over" in caplog.text and "process 4321 on a-closed-laptop" in caplog.text
 
@@ -116,3 +120,36 @@ def test_the_lock_is_released_when_training_ends_or_fails(tmp_path):
     assert not (tmp_path / "run" / LOCK).exists()  # released by the refusal too
     with RunFolder.open(tmp_path / "run", resume=True) as folder:
         assert folder.epochs_done == 1
+
+
+# A file system without flock (some network and FUSE mounts): what flock raises there.
+NO_FLOCK = {"ENOLCK": errno.ENOLCK, "EOPNOTSUPP": errno.EOPNOTSUPP, "EINVAL": errno.EINVAL}
+
+
+def refuse_flock(monkeypatch, code: int) -> None:
+    def flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+@pytest.mark.parametrize("code", NO_FLOCK.values(), ids=NO_FLOCK.keys())
+def test_a_file_system_without_flock_trains_unlocked_with_a_one_line_note(
+    tmp_path, caplog, monkeypatch, code
+):
+    refuse_flock(monkeypatch, code)
+    with caplog.at_level(logging.WARNING, logger="eva_utils"):
+        history = fit(TINY, out=tmp_path / "run", progress=False)
+    assert [row["epoch"] for row in history] == [1]
+    assert (tmp_path / "run" / runfolder.LAST).exists()
+    notes = [r.getMessage() for r in caplog.records if "cannot lock" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0], caplog.text
+    assert notes[0].startswith(f"{tmp_path / 'run'}: its file system cannot lock files")
+    assert "two sessions must not train this run at once" in notes[0]
+    assert not (tmp_path / "run" / LOCK).exists()  # no lock file that locks nothing
+
+
+def test_a_lock_that_fails_for_another_reason_is_not_ignored(tmp_path, monkeypatch):
+    refuse_flock(monkeypatch, errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        RunFolder.open(tmp_path / "run")

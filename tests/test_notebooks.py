@@ -203,13 +203,33 @@ def _maintainer_tool(name: str):
     return module
 
 
+# google.colab.drive's stand-in: the Drive is a folder that outlives the runtime (tmp_path/content)
+FAKE_DRIVE = '''"""A stand-in for google.colab.drive: mount(mountpoint) links mountpoint to the
+folder $FAKE_GOOGLE_DRIVE, which holds MyDrive, as Colab's mount shows the student's Drive."""
+import os
+
+
+def mount(mountpoint, force_remount=False, timeout_ms=120000, readonly=False):
+    drive = os.environ["FAKE_GOOGLE_DRIVE"]
+    os.makedirs(os.path.join(drive, "MyDrive"), exist_ok=True)
+    if os.path.islink(mountpoint) and not force_remount:
+        print(f"Drive already mounted at {mountpoint}")
+        return
+    os.symlink(drive, mountpoint)  # as Colab's, the mount point's folder must exist
+    print(f"Mounted at {mountpoint}")
+'''
+
+
 def colab_environment(tmp_path: Path, repository: str) -> dict[str, str]:
     """A kernel environment as Colab's, offline: ``google.colab`` imported at start-up (a stub,
     through sitecustomize), the setup cell's clone in ``tmp_path`` and pip installing into a
-    throwaway folder (no dependencies: Colab has them), never into this environment."""
+    throwaway folder (no dependencies: Colab has them), never into this environment. The
+    runtime's disk is ``tmp_path / "content"``; Google Drive mounts there, as ``drive``, from
+    ``tmp_path / "google-drive"``, which outlives it."""
     stub = tmp_path / "colab-stub"
     (stub / "google" / "colab").mkdir(parents=True)  # a namespace package, as google's is
     (stub / "google" / "colab" / "__init__.py").write_text('"""A stand-in for Colab."""\n')
+    (stub / "google" / "colab" / "drive.py").write_text(FAKE_DRIVE)
     (stub / "sitecustomize.py").write_text("import google.colab  # noqa: F401\n")
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("EVA_", "PIP_", "PYTHON"))}
     return keep | {
@@ -220,6 +240,8 @@ def colab_environment(tmp_path: Path, repository: str) -> dict[str, str]:
         "PIP_NO_BUILD_ISOLATION": "0",  # pip's spelling of --no-build-isolation
         "EVA8_REPOSITORY": repository,
         "EVA8_CLONE": str(tmp_path / "content" / "eva8"),
+        "EVA_DRIVE_MOUNT": str(tmp_path / "content" / "drive"),
+        "FAKE_GOOGLE_DRIVE": str(tmp_path / "google-drive"),
         "EVA_SMOKE": "1",
         "EVA_PRETRAINED_URL": (tmp_path / "no-such-asset.pt").as_uri(),
         "TORCH_HOME": str(tmp_path / "torch"),

@@ -42,7 +42,8 @@ def pytest_configure(config):
 # training the last long file alone while the other core idles.
 LONG_FILES = (
     "tests/test_distributed.py", "tests/test_real_data.py", "tests/test_engine.py",
-    "tests/test_resume.py", "tests/test_notebooks.py", "tests/test_reliability.py",
+    "tests/test_resume.py", "tests/test_notebooks.py", "tests/test_colab_drive.py",
+    "tests/test_reliability.py",
     "notebooks/session8_resnet18_gbn.ipynb", "tests/test_same_history.py", "tests/test_cli.py",
     "tests/test_run_integrity.py",
 )  # fmt: skip

@@ -254,7 +254,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         base = config_from_args(args)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
         out = args.out
-        check_output_folder(out)
         runs = plan(base, grid, seeds, out)
         part = ""
         if args.shard is not None:

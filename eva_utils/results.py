@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ class RecordedRun:
     name: str
     metrics: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None  # where it was read from, resolved
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -142,7 +143,7 @@ def read_recorded_run(folder: str | Path) -> RecordedRun:
             f"{folder} holds no {METRICS}: give a run folder written by "
             "python -m eva_utils train (runs/NAME) or results/NAME"
         )
-    return RecordedRun(folder.name, metrics, provenance)
+    return RecordedRun(folder.name, metrics, provenance, folder.resolve())
 
 
 def read_provenance(path: Path) -> dict[str, Any]:
@@ -179,9 +180,6 @@ def recorded_runs(folder: str | Path = "results") -> list[RecordedRun]:
     runs = [read_recorded_run(path) for path in dict.fromkeys(folders)
             if not (path / SWEEP_JSON).exists()]  # fmt: skip
     return sorted(runs, key=lambda run: (run.provenance.get("order", len(runs)), run.name))
-
-
-# --- the README's tables and captions ----------------------------------------------------------
 
 
 # --- comparing runs ----------------------------------------------------------------------------
@@ -295,12 +293,31 @@ def compare(*runs: str | Path | RecordedRun, title: str = "") -> tuple[Figure, s
             f"compare draws at most {MAX_COMPARED} runs in one figure (more repeat colours and "
             f"line styles), got {len(runs)}: compare them in groups"
         )
-    recorded = [run if isinstance(run, RecordedRun) else read_recorded_run(run) for run in runs]
+    recorded = _named_apart(
+        [run if isinstance(run, RecordedRun) else read_recorded_run(run) for run in runs]
+    )
     figure = plot_comparison(
         [run.history for run in recorded], comparison_labels(recorded),
         title or comparison_caption(recorded),
     )  # fmt: skip
     return figure, comparison_table(recorded)
+
+
+def _named_apart(runs: Sequence[RecordedRun]) -> list[RecordedRun]:
+    """``runs``, each read from a folder named by the shortest tail of its path that no other's
+    ends in (``a/run`` and ``b/run``, not ``run`` twice). One folder given twice is refused."""
+    parts = [run.folder.parts if run.folder else (run.name,) for run in runs]
+    for i, run in enumerate(runs):
+        if run.folder is not None and parts.index(run.folder.parts) != i:
+            raise ConfigError(f"{run.folder} is given twice: compare different runs")
+
+    def tail(i: int) -> str:
+        others = [other for j, other in enumerate(parts) if j != i]
+        length = next(n for n in range(1, len(parts[i]) + 1)
+                      if all(other[-n:] != parts[i][-n:] for other in others))  # fmt: skip
+        return str(Path(*parts[i][-length:]))
+
+    return [replace(run, name=tail(i)) if run.folder else run for i, run in enumerate(runs)]
 
 
 # --- sweeps: several seeds of each cell of a grid ----------------------------------------------

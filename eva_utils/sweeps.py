@@ -26,7 +26,7 @@ import torch
 from .config import GRID_FIELDS, Config, field_flags, parse_field, recipe_name
 from .data import check_out_of_data
 from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged
-from .files import atomic_write_json
+from .files import atomic_write_json, check_output_folder
 from .plots import plot_sweep, save_figure
 from .progress import tqdm
 from .results import SWEEP_JSON, summarize_sweep
@@ -118,8 +118,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> list[PlannedRun]:
     """Every cell x seed of the sweep: ``config`` with the cell's grid values and the seed, in
-    ``out/<recipe name>``, with the epochs that folder holds already. Every recipe is checked
-    before anything trains."""
+    ``out/<recipe name>``, with the epochs that folder holds already. Every recipe, and that
+    ``out`` can be written, is checked before anything trains."""
     for name, values in grid.items():
         check_grid_field(name)
         check_distinct(name, list(values), f"the grid's {name}")
@@ -133,6 +133,7 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
             f"the sweep has {count:,} runs ({sizes} values x seeds), more than the {MAX_RUNS:,} "
             "one sweep may plan: give fewer values, or split it into several sweeps"
         )
+    check_output_folder(out)
     runs, cells = [], {}
     for values in itertools.product(*grid.values()):
         cell = dict(zip(grid, values))

@@ -32,7 +32,7 @@ from .devices import describe, select_device
 from .errors import ConfigError, DataError, EvaError
 from .files import make_scratch_folder, remove_dead_scratch
 from .loaders import DeviceLoader
-from .precision import choose_precision
+from .precision import choose_precision, emulation_note
 from .results import (
     RecordedRun,
     describe_data,
@@ -66,6 +66,8 @@ def device_report(name: str = "auto", precision: str = "auto", channels_last: bo
     training will use, and advice when Colab runs without a GPU."""
     device = select_device(name)
     report = f"Device: {describe(device, choose_precision(device, precision, channels_last))}"
+    if slow := emulation_note(device, precision):
+        report += "\n" + slow
     if in_colab() and device.type != "cuda":
         report += "\n" + COLAB_GPU_ADVICE
     return report

@@ -23,6 +23,7 @@ from .errors import (
     resume_command,
     spelled,
 )
+from .precision import emulation_note
 from .progress import epoch_bar, note
 from .ranks import Ranks
 from .results import describe_data
@@ -69,6 +70,8 @@ def fit(
         try:
             recorded = config.replace(data=data_source(config.data))  # found from any folder
             state = TrainingState(recorded, datasets, progress and ranks.is_main, ranks)
+            if slow := emulation_note(state.device, config.precision):
+                note(slow, ranks.is_main)
             if folder is not None and folder.state is not None:
                 state.load_state_dict(folder.state)
                 if change := precision_change(state):

@@ -154,7 +154,7 @@ def run_folder(parent: str, config: Config) -> Path:
         folder = make_scratch_folder(tempfile.gettempdir(), SMOKE_PREFIX)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return folder
-    if RUN_DIR_ENV in os.environ:
+    if os.environ.get(RUN_DIR_ENV):  # set but empty is unset, not the current folder
         folder = Path(os.environ[RUN_DIR_ENV])
         print(f"override: run folder = {str(folder)!r}")
     else:
@@ -206,7 +206,7 @@ def reference_checkpoint() -> Path | None:
     your own full run), else ``../shared/reference-runs/session8-h100`` beside the clone, else
     the published model downloaded into torch.hub's cache (not in smoke mode: no network).
     A failed download is said in one line and gives None."""
-    if REFERENCE_ENV in os.environ:
+    if os.environ.get(REFERENCE_ENV):  # as EVA_RUN_DIR: empty is unset
         candidates = [Path(os.environ[REFERENCE_ENV])]
         if not (candidates[0] / BEST).is_file():
             what = "holds no" if candidates[0].is_dir() else "does not exist, so no"

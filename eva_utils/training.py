@@ -19,6 +19,7 @@ from .errors import (
     EvaError,
     Interrupted,
     TrainingDiverged,
+    epochs_held,
     option,
     resume_command,
     spelled,
@@ -292,7 +293,7 @@ def _interrupted(folder: RunFolder | None, epoch: int) -> Interrupted:
     if not saved:
         return Interrupted("stopped in epoch 1; no epoch had finished, nothing to resume")
     return Interrupted(
-        f"stopped in epoch {saved + 1}; {folder.path / LAST} holds epochs 1-{saved}: "
+        f"stopped in epoch {saved + 1}; {folder.path / LAST} holds {epochs_held(saved)}: "
         f"resume with: {resume_command(folder.path)}"
     )
 

@@ -151,6 +151,10 @@ BAD_INPUT = {
     "--seeds 1,,2": "--seeds must be a whole number, got ''",
     "--grid dropout=0 --dropout 0.1": "--dropout and --grid dropout",
     "--grid dropout=0,0.0": "--grid dropout=0,0.0: dropout 0.0 is given twice",
+    "--grid augment=crop+flip,flip+crop": "the grid cells augment=crop+flip and augment=flip+crop "
+    "are one recipe",
+    "--preset fast --grid num_splits=1,2": "the grid cells num_splits=1 and num_splits=2 are one "
+    "recipe (--norm bn ignores --num-splits)",
     "--grid dropout=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --grid lr=0.1,0.2,0.3,0.4,0.5 --grid "
     "momentum=0.1,0.2,0.3,0.4,0.5 --seeds 1,2,3,4,5": "the sweep has 1,250 runs (10 x 5 x 5 x 5 "
     "values x seeds), more than the 1,000",
@@ -241,3 +245,34 @@ def test_the_sweep_figure_counts_one_seed_as_one_seed(tmp_path):
     figure = plot_sweep(summarize_sweep(tmp_path)["cells"])
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert all(label.endswith("(1 seed)") for label in labels[:2]), labels
+
+
+def test_a_child_killed_by_sigkill_is_said_to_be_killed_not_to_have_no_output(
+    tmp_path, monkeypatch
+):
+    """A --parallel child that the kernel kills (out of memory: SIGKILL) leaves no line in its
+    log; the sweep names the signal instead of "no output"."""
+    import subprocess
+    import sys
+
+    runs = plan(get_preset("session8").replace(**TINY), {"dropout": [0.0, 0.1]}, [1], tmp_path)
+    suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(
+        sweeps, "_start", lambda run, gpu=None: subprocess.Popen([sys.executable, "-c", suicide])
+    )
+    failed = sweeps.train_planned(runs, parallel=2, progress=False)
+    assert len(failed) == 2
+    for run, why in failed:
+        assert why == (
+            "killed by signal SIGKILL (most often: the machine ran out of memory); its log: "
+            f"{tmp_path / 'logs' / run.folder.name}.log"
+        )
+
+
+def test_the_order_of_augmentations_is_one_recipe():
+    """The loaders apply crop, flip, rotate in that order whatever the order given."""
+    given = Config(augment=("rotate", "flip", "crop"))
+    assert given.augment == ("crop", "flip", "rotate") == Config().augment
+    assert sweeps.recipe_name(Config(augment=["flip", "crop"])) == sweeps.recipe_name(
+        Config(augment=("crop", "flip"))
+    )

@@ -252,15 +252,12 @@ def comparison_labels(runs: Sequence[RecordedRun]) -> list[str]:
 
 def comparison_table(runs: Sequence[RecordedRun]) -> str:
     """A plain-text table of the compared runs: best, final, target epoch and s/epoch."""
-    labels = comparison_labels(runs)
-    header = ("run", "label", "best (epoch)", "final", f"{TARGET_ACCURACY:.0%} first", "s/epoch")
-    rows = [header]
-    for run, label in zip(runs, labels):
+    rows = [("run", "label", "best (epoch)", "final", f"{TARGET_ACCURACY:.0%} first", "s/epoch")]
+    for run, label in zip(runs, comparison_labels(runs)):
         s = run.summary()
-        reached = target_reached(s)
         rows.append(
             (run.name, label, f"{s['best_acc']:.2%} ({s['best_epoch']})", f"{s['final_acc']:.2%}",
-             reached, f"{s['seconds_per_epoch']:.1f}")
+             target_reached(s), f"{s['seconds_per_epoch']:.1f}")
         )  # fmt: skip
     return _aligned(rows)
 
@@ -364,13 +361,17 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
         for label, run, members in zip(labels, cell_runs, cells.values())
     ]
     summaries.sort(key=lambda cell: [(value is None, value) for value in cell["grid"].values()])
-    source, sizes = describe_data(runs[0].config)
+    configs = {run.name: run.config for run in runs}
+    data: dict[str, dict[str, None]] = {}  # each source's image counts, once each, by cell
+    for cell in summaries:  # a grid over train_size has several
+        source, sizes = describe_data(configs[cell["runs"][0]])
+        data.setdefault(source, {})[sizes] = None
     return {
         "format": SWEEP_FORMAT,
         "target": TARGET_ACCURACY,
         "std": STD_MEANING,
         "varied": varied,
-        "data": f"{source} (train/test images: {sizes})",
+        "data": "; ".join(f"{k} (train/test images: {', '.join(v)})" for k, v in data.items()),
         "hardware": sorted({run.hardware for run in runs}),
         "cells": summaries,
         "skipped": skipped,

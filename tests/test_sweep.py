@@ -276,3 +276,36 @@ def test_the_order_of_augmentations_is_one_recipe():
     assert sweeps.recipe_name(Config(augment=["flip", "crop"])) == sweeps.recipe_name(
         Config(augment=("crop", "flip"))
     )
+
+
+def test_a_grid_over_data_sizes_is_described_with_every_size_not_the_first_runs(tmp_path):
+    config = get_preset("session8").replace(data="synthetic")
+    _record(tmp_path / "small", config.replace(train_size=1000, test_size=500), [0.5, 0.6])
+    _record(tmp_path / "large", config.replace(train_size=4000, test_size=500), [0.6, 0.7])
+    summary = summarize_sweep(tmp_path)
+    assert summary["varied"] == ["train_size"]
+    assert summary["data"] == "synthetic (train/test images: 1,000/500, 4,000/500)"
+    sweeps.write_summary(tmp_path)
+    assert "1,000/500, 4,000/500" in json.loads((tmp_path / SWEEP_JSON).read_text())["data"]
+
+
+def test_a_foreign_runs_long_label_is_wrapped_and_leaves_the_plot_its_width(tmp_path):
+    """A run of another recipe in the sweep's folder is labelled by every field it differs in;
+    the legend, inside the plot, must not squeeze the plot to a sliver."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from eva_utils.plots import plot_sweep
+
+    config = get_preset("session8")
+    _record(tmp_path / "a", config, [0.80, 0.86])
+    changes = dict(lr=0.05, momentum=0.8, weight_decay=1e-3, batch_size=256, train_size=10000,
+                   test_size=2000, augment=("crop",), gamma=0.5)  # fmt: skip
+    foreign = config.replace(seed=2, **changes)
+    _record(tmp_path / "foreign", foreign, [0.82, 0.84])
+    cells = summarize_sweep(tmp_path)["cells"]
+    assert max(len(cell["label"]) for cell in cells) > 100
+    figure = plot_sweep(cells, "title")
+    FigureCanvasAgg(figure).draw()
+    axes = figure.axes[0].get_window_extent()
+    legend = figure.axes[0].get_legend().get_window_extent()
+    assert axes.width > 0.8 * figure.bbox.width and legend.width < axes.width

@@ -16,7 +16,14 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, Config, add_config_flags, get_preset
-from .errors import ConfigError, EvaError, Interrupted, RunFileError, command_line_words
+from .errors import (
+    ConfigError,
+    EvaError,
+    Interrupted,
+    RunFileError,
+    command_line_words,
+    epochs_held,
+)
 from .files import check_output_folder
 from .signals import signals_deferred, sigterm_as_interrupt
 
@@ -193,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 if not ranks.is_main:
                     return
                 print(
-                    f"{out} is already complete: it holds epochs 1-{done} and --epochs is "
+                    f"{out} is already complete: it holds {epochs_held(done)} and --epochs is "
                     f"{config.epochs}, so there is nothing to train (give --epochs above {done} "
                     "to train longer)"
                 )
@@ -254,7 +261,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         base = config_from_args(args)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
         out = args.out
-        check_output_folder(out)
         runs = plan(base, grid, seeds, out)
         part = ""
         if args.shard is not None:

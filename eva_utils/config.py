@@ -141,8 +141,14 @@ class Config:
     max_batches: int | None = _knob(None, "dry run: stop each epoch after this many batches")
 
     def __post_init__(self) -> None:
-        # Tuples arrive as lists from JSON and the CLI.
-        object.__setattr__(self, "augment", tuple(self.augment))
+        # Tuples arrive as lists from JSON and the CLI. The loaders apply crop, flip, rotate in
+        # that order whatever the order given, so one order stands for them all: one recipe.
+        given = tuple(self.augment)
+        canonical = (
+            *[a for a in AUGMENTATIONS if a in given],
+            *[a for a in given if a not in AUGMENTATIONS],
+        )
+        object.__setattr__(self, "augment", canonical)
         problems = [problem for problem in self._problems() if problem]
         if problems:
             raise ConfigError("; ".join(problems))

@@ -56,6 +56,11 @@ def resume_command(folder: str | Path) -> str:
     )
 
 
+def epochs_held(count: int) -> str:
+    """The epochs a run folder holds, in words: "epoch 1", "epochs 1-5"."""
+    return "epoch 1" if count == 1 else f"epochs 1-{count}"
+
+
 def data_hint() -> str:
     """What to do when no data set was given or found."""
     return (

@@ -22,6 +22,7 @@ from typing import IO, Any
 from .errors import RunFileError, option
 
 SCRATCH_SUFFIX = ".tmp"
+NAME_MAX = 255  # bytes in one file or folder name: the limit of ext4, APFS, NTFS, tmpfs...
 
 
 def scratch_suffix() -> str:
@@ -124,11 +125,18 @@ def process_exists(pid: int) -> bool:
 
 def check_output_folder(folder: str | Path, flag: str | None = None) -> None:
     """Check, before any work whose results would go into ``folder``, that they can be written
-    there: the folder, or its nearest existing ancestor, is a writable folder. Creates nothing.
+    there: no name in its path is too long, and the folder, or its nearest existing ancestor, is
+    a writable folder. Creates nothing.
     Raises RunFileError naming the folder and the cause, and ``flag`` (default: ``out``) as
     the setting to change."""
     folder = Path(folder)
     flag = flag or option("out")
+    for name in folder.parts:
+        if len(os.fsencode(name)) > NAME_MAX:
+            raise RunFileError(
+                f"the folder name {name[:24]}... is {len(os.fsencode(name))} bytes, more than the "
+                f"{NAME_MAX} a file system allows in one name: choose a shorter {flag}"
+            )
     existing = next(path for path in (folder, *folder.parents, Path.cwd()) if path.exists())
     if not existing.is_dir():
         raise RunFileError(f"{existing} is a file, not a folder: choose another {flag}")

@@ -10,6 +10,7 @@ every override is printed, so the outputs say what produced them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -26,13 +27,13 @@ from torch import Tensor
 
 from . import analysis, pretrained
 from .colab import DRIVE_MOUNT_ENV, in_colab, runs_on_drive
-from .config import Config, field_flags, get_preset, parse_field, recipe_name
+from .config import Config, field_flags, get_preset, parse_field, preset_name, recipe_name
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, load_datasets
 from .devices import describe, select_device
 from .errors import ConfigError, DataError, EvaError
 from .files import make_scratch_folder, remove_dead_scratch
 from .loaders import DeviceLoader
-from .precision import choose_precision
+from .precision import choose_precision, emulation_note
 from .results import (
     RecordedRun,
     describe_data,
@@ -62,6 +63,8 @@ def device_report(name: str = "auto", precision: str = "auto", channels_last: bo
     training will use, and advice when Colab runs without a GPU."""
     device = select_device(name)
     report = f"Device: {describe(device, choose_precision(device, precision, channels_last))}"
+    if slow := emulation_note(device, precision):
+        report += "\n" + slow
     if in_colab() and device.type != "cuda":
         report += "\n" + COLAB_GPU_ADVICE
     return report
@@ -150,7 +153,7 @@ def run_folder(parent: str, config: Config, *, keep_on_drive: bool = False) -> P
         folder = make_scratch_folder(tempfile.gettempdir(), SMOKE_PREFIX)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return folder
-    if RUN_DIR_ENV in os.environ:
+    if os.environ.get(RUN_DIR_ENV):  # set but empty is unset, not the current folder
         folder = Path(os.environ[RUN_DIR_ENV])
         print(f"override: run folder = {str(folder)!r}")
     else:
@@ -202,8 +205,12 @@ def reference_checkpoint() -> Path | None:
     your own full run), else ``../shared/reference-runs/session8-h100`` beside the clone, else
     the published model downloaded into torch.hub's cache (not in smoke mode: no network).
     A failed download is said in one line and gives None."""
-    if REFERENCE_ENV in os.environ:
+    if os.environ.get(REFERENCE_ENV):  # as EVA_RUN_DIR: empty is unset
         candidates = [Path(os.environ[REFERENCE_ENV])]
+        if not (candidates[0] / BEST).is_file():
+            what = "holds no" if candidates[0].is_dir() else "does not exist, so no"
+            then = "no reference model in smoke mode" if smoke_mode() else "downloading it"
+            print(f"{REFERENCE_ENV}={candidates[0]} {what} {BEST}: {then} (fix or unset it)")
     else:
         candidates = [
             folder
@@ -228,13 +235,8 @@ def trained_or_untrained(run: str | Path | None = None) -> analysis.TrainedModel
         trained = analysis.load_trained_model(run)
         print(f"model: the best epoch ({trained.epoch}) of {run}")
         return trained
-    folder = reference_checkpoint()
-    if folder is not None:
-        trained = analysis.load_trained_model(folder)
-        print(
-            f"model: the reference run's trained ResNet18 ({REFERENCE}: session8 recipe, "
-            f"30 epochs on an H100; best epoch {trained.epoch}, {trained.test_acc:.2%})"
-        )
+    trained = reference_model()
+    if trained is not None:
         return trained
     print(
         "model: an UNTRAINED session8 ResNet18 (no trained reference model on this machine: "
@@ -244,12 +246,51 @@ def trained_or_untrained(run: str | Path | None = None) -> analysis.TrainedModel
     return analysis.untrained_model(get_preset("session8"), CIFAR10_CLASSES)
 
 
+def reference_model() -> analysis.TrainedModel | None:
+    """The reference run's trained model where this machine has it (:func:`reference_checkpoint`),
+    described from its own record; None if it has none, or if its best.pt cannot be read (said
+    in one line, with what to do)."""
+    folder = reference_checkpoint()
+    if folder is None:
+        return None
+    try:
+        trained = analysis.load_trained_model(folder)
+    except EvaError as error:  # a copy cut short, say: the notebook goes on without it
+        then = "" if smoke_mode() else " (without it, the published model is downloaded)"
+        print(f"{error}: delete it, or copy a whole {BEST} there{then}")
+        return None
+    print(f"model: the reference run's trained {_described(trained)}")
+    return trained
+
+
+def _described(trained: analysis.TrainedModel) -> str:
+    """'ResNet18 (FOLDER: RECIPE, N epochs on HARDWARE; best epoch E, ACC)', from the run's own
+    record: the metrics.json beside its best.pt, or, for the download, the published run's
+    results/session8-h100; a best.pt alone gives its planned epochs."""
+    config, folder, record = trained.config, Path(trained.folder), None
+    name = folder.name
+    if (folder / METRICS).is_file():
+        record = read_recorded_run(folder)
+    elif folder == pretrained.cache_folder():  # the published run's best.pt, checked by sha256
+        with contextlib.suppress(EvaError):
+            record = reference_run()
+        name = f"the published model of results/{REFERENCE}"
+    if record is not None:
+        trained_for = f"{len(record.history)} epochs on {record.hardware}"
+    else:
+        trained_for = f"{config.epochs} epochs planned, on hardware it does not record"
+    recipe = f"{preset_name(config) or 'its own'} recipe"
+    return (
+        f"{config.arch.replace('resnet', 'ResNet')} ({name}: {recipe}, {trained_for}; best epoch "
+        f"{trained.epoch}, {trained.test_acc:.2%})"
+    )
+
+
 def gallery_model(own_run: str | Path, config: Config) -> analysis.TrainedModel:
     """The model whose mistakes the main notebook shows: the trained reference model where this
     machine has it and the data is real CIFAR-10, else the notebook's own run. Prints which."""
-    if config.data != SYNTHETIC and reference_checkpoint() is not None:
-        return trained_or_untrained()
-    return trained_or_untrained(own_run)
+    reference = reference_model() if config.data != SYNTHETIC else None
+    return reference if reference is not None else trained_or_untrained(own_run)
 
 
 def analysis_test_set(

@@ -181,6 +181,9 @@ def plot_comparison(
     return fig
 
 
+LEGEND_WIDTH = 48  # characters of a legend entry's line: the legend sits inside the plot
+
+
 def plot_sweep(
     cells: Sequence[dict[str, Any]], title: str = "", target: float = TARGET_ACCURACY
 ) -> Figure:
@@ -193,6 +196,7 @@ def plot_sweep(
         mean = [100 * acc for acc in curve["test_acc_mean"]]
         seeds = len(cell["seeds"])
         label = f"{cell['label']} ({seeds} {'seed' if seeds == 1 else 'seeds'})"
+        label = textwrap.fill(label, LEGEND_WIDTH)  # a foreign run's label names many fields
         (line,) = ax.plot(curve["epoch"], mean, "o-", ms=3, label=label)
         if None not in curve["test_acc_std"]:  # one seed: no spread to draw
             spread = [100 * std for std in curve["test_acc_std"]]
@@ -205,7 +209,7 @@ def plot_sweep(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     heading = "Mean test accuracy per cell; band: ± one sample std over the seeds"
-    ax.set_title(f"{heading}\n{title}" if title else heading, fontsize=9)
+    ax.set_title(f"{heading}\n{textwrap.fill(title, 100)}" if title else heading, fontsize=9)
     return fig
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -91,18 +90,29 @@ def decide(hardware: Hardware, precision: str = "auto", channels_last: bool = Tr
 def choose_precision(
     device: torch.device, precision: str = "auto", channels_last: bool = True
 ) -> Precision:
-    """:func:`decide` for ``device``; an explicit bf16 where it is only emulated warns."""
+    """:func:`decide` for ``device`` (:func:`emulation_note` says when it will be slow)."""
     if precision == "fp32":  # asks the hardware nothing: valid for a device that is not here
         return decide(Hardware(device.type), precision, channels_last)
+    return decide(Hardware.of(device), precision, channels_last)
+
+
+def emulation_note(device: torch.device, precision: str) -> str:
+    """The line that says an explicit ``precision`` is only emulated on ``device``, so that
+    training runs, slowly (bf16 on a T4 or an AVX2 CPU; fp16 on any CPU, 8-12x slower than
+    fp32), or "" where it is not."""
+    if precision not in ("bf16", "fp16") or device.type not in ("cuda", "cpu"):
+        return ""
     hardware = Hardware.of(device)
-    emulated = hardware.kind in ("cuda", "cpu") and torch.bfloat16 not in hardware.native()
-    if precision == "bf16" and emulated:
-        warnings.warn(
-            f"bf16 is emulated on this {device.type} ({_hardware_name(hardware)}): training "
-            f"runs, slowly; {option('precision', 'auto')} uses {decide(hardware).name} here",
-            stacklevel=2,
-        )
-    return decide(hardware, precision, channels_last)
+    if DTYPES[precision] in hardware.native() or (precision == "fp16" and device.type == "cuda"):
+        return ""  # fp16 on a GPU without tensor cores is slower, not emulated
+    if precision == "fp16":  # no CPU computes in fp16
+        where, how = "a CPU", "8-12x slower than in fp32"
+    else:
+        where, how = f"this {device.type} ({_hardware_name(hardware)})", "slowly"
+    return (
+        f"note: {precision} is emulated on {where}: training runs, {how}; "
+        f"{option('precision', 'auto')} uses {decide(hardware).name} here"
+    )
 
 
 def _hardware_name(hardware: Hardware) -> str:

@@ -91,8 +91,7 @@ def download(url: str | None = None, sha256: str | None = None, progress: bool =
     call, and replaced if it differs. A server silent for :data:`TIMEOUT_SECONDS` ends the
     download. Raises CheckpointError, in one line, if it cannot be."""
     sha256 = sha256 or SHA256
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    folder = cache / Path(asset_name(sha256)).stem
+    folder = cache_folder(sha256)
     best = folder / BEST
     cached = best.is_file()
     if cached and file_sha256(best) == sha256:  # about 0.02 s for the 22 MB asset
@@ -106,6 +105,13 @@ def download(url: str | None = None, sha256: str | None = None, progress: bool =
             raise CheckpointError(f"{best} failed its sha256 check{removed}; {error}") from None
         raise
     return folder
+
+
+def cache_folder(sha256: str | None = None) -> Path:
+    """The run folder in torch.hub's cache that :func:`download` fills with the asset of this
+    ``sha256`` (default :data:`SHA256`)."""
+    stem = Path(asset_name(sha256 or SHA256)).stem
+    return Path(torch.hub.get_dir()) / "checkpoints" / stem
 
 
 def file_sha256(path: str | Path) -> str:

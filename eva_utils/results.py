@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ class RecordedRun:
     name: str
     metrics: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None  # where it was read from, resolved
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -142,7 +143,7 @@ def read_recorded_run(folder: str | Path) -> RecordedRun:
             f"{folder} holds no {METRICS}: give a run folder written by "
             "python -m eva_utils train (runs/NAME) or results/NAME"
         )
-    return RecordedRun(folder.name, metrics, provenance)
+    return RecordedRun(folder.name, metrics, provenance, folder.resolve())
 
 
 def read_provenance(path: Path) -> dict[str, Any]:
@@ -179,9 +180,6 @@ def recorded_runs(folder: str | Path = "results") -> list[RecordedRun]:
     runs = [read_recorded_run(path) for path in dict.fromkeys(folders)
             if not (path / SWEEP_JSON).exists()]  # fmt: skip
     return sorted(runs, key=lambda run: (run.provenance.get("order", len(runs)), run.name))
-
-
-# --- the README's tables and captions ----------------------------------------------------------
 
 
 # --- comparing runs ----------------------------------------------------------------------------
@@ -254,15 +252,12 @@ def comparison_labels(runs: Sequence[RecordedRun]) -> list[str]:
 
 def comparison_table(runs: Sequence[RecordedRun]) -> str:
     """A plain-text table of the compared runs: best, final, target epoch and s/epoch."""
-    labels = comparison_labels(runs)
-    header = ("run", "label", "best (epoch)", "final", f"{TARGET_ACCURACY:.0%} first", "s/epoch")
-    rows = [header]
-    for run, label in zip(runs, labels):
+    rows = [("run", "label", "best (epoch)", "final", f"{TARGET_ACCURACY:.0%} first", "s/epoch")]
+    for run, label in zip(runs, comparison_labels(runs)):
         s = run.summary()
-        reached = target_reached(s)
         rows.append(
             (run.name, label, f"{s['best_acc']:.2%} ({s['best_epoch']})", f"{s['final_acc']:.2%}",
-             reached, f"{s['seconds_per_epoch']:.1f}")
+             target_reached(s), f"{s['seconds_per_epoch']:.1f}")
         )  # fmt: skip
     return _aligned(rows)
 
@@ -295,12 +290,31 @@ def compare(*runs: str | Path | RecordedRun, title: str = "") -> tuple[Figure, s
             f"compare draws at most {MAX_COMPARED} runs in one figure (more repeat colours and "
             f"line styles), got {len(runs)}: compare them in groups"
         )
-    recorded = [run if isinstance(run, RecordedRun) else read_recorded_run(run) for run in runs]
+    recorded = _named_apart(
+        [run if isinstance(run, RecordedRun) else read_recorded_run(run) for run in runs]
+    )
     figure = plot_comparison(
         [run.history for run in recorded], comparison_labels(recorded),
         title or comparison_caption(recorded),
     )  # fmt: skip
     return figure, comparison_table(recorded)
+
+
+def _named_apart(runs: Sequence[RecordedRun]) -> list[RecordedRun]:
+    """``runs``, each read from a folder named by the shortest tail of its path that no other's
+    ends in (``a/run`` and ``b/run``, not ``run`` twice). One folder given twice is refused."""
+    parts = [run.folder.parts if run.folder else (run.name,) for run in runs]
+    for i, run in enumerate(runs):
+        if run.folder is not None and parts.index(run.folder.parts) != i:
+            raise ConfigError(f"{run.folder} is given twice: compare different runs")
+
+    def tail(i: int) -> str:
+        others = [other for j, other in enumerate(parts) if j != i]
+        length = next(n for n in range(1, len(parts[i]) + 1)
+                      if all(other[-n:] != parts[i][-n:] for other in others))  # fmt: skip
+        return str(Path(*parts[i][-length:]))
+
+    return [replace(run, name=tail(i)) if run.folder else run for i, run in enumerate(runs)]
 
 
 # --- sweeps: several seeds of each cell of a grid ----------------------------------------------
@@ -347,13 +361,17 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
         for label, run, members in zip(labels, cell_runs, cells.values())
     ]
     summaries.sort(key=lambda cell: [(value is None, value) for value in cell["grid"].values()])
-    source, sizes = describe_data(runs[0].config)
+    configs = {run.name: run.config for run in runs}
+    data: dict[str, dict[str, None]] = {}  # each source's image counts, once each, by cell
+    for cell in summaries:  # a grid over train_size has several
+        source, sizes = describe_data(configs[cell["runs"][0]])
+        data.setdefault(source, {})[sizes] = None
     return {
         "format": SWEEP_FORMAT,
         "target": TARGET_ACCURACY,
         "std": STD_MEANING,
         "varied": varied,
-        "data": f"{source} (train/test images: {sizes})",
+        "data": "; ".join(f"{k} (train/test images: {', '.join(v)})" for k, v in data.items()),
         "hardware": sorted({run.hardware for run in runs}),
         "cells": summaries,
         "skipped": skipped,

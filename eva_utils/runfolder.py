@@ -22,14 +22,7 @@ from typing import Any
 import torch
 
 from .config import RECIPE_FIELDS, Config, same_data
-from .errors import (
-    CheckpointError,
-    RunFileError,
-    option,
-    resume_command,
-    spelled,
-    train_command,
-)
+from .errors import CheckpointError, RunFileError, option, resume_command, spelled, train_command
 from .files import (
     atomic_write,
     atomic_write_json,
@@ -158,6 +151,12 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     and an ``environment`` object. Raises RunFileError, in one line, naming what is wrong."""
     path = Path(path)
     metrics = read_json(path, "give the metrics.json of a run")
+    written = metrics.get("format", METRICS_FORMAT) if isinstance(metrics, dict) else None
+    if written not in (METRICS_FORMAT, None):  # None: not an object, said below
+        raise RunFileError(
+            f"{path} is of the format {written!r}, not {METRICS_FORMAT!r}: give the metrics.json "
+            "of a run that this version of eva8 trained (a newer one's: update eva8)"
+        )
     history = metrics.get("history") if isinstance(metrics, dict) else None
     if (
         not isinstance(history, list)
@@ -225,8 +224,8 @@ def recorded_device(folder: str | Path) -> str:
 
 
 def holds_run(path: str | Path) -> bool:
-    """Whether ``path`` holds a run that can be resumed (a ``last.pt``)."""
-    return (Path(path) / LAST).exists()
+    """Whether ``path`` holds a run that can be resumed (a ``last.pt`` file)."""
+    return (Path(path) / LAST).is_file()
 
 
 def epochs_done(path: str | Path) -> int:
@@ -275,6 +274,10 @@ class RunFolder:
         """Lock ``path`` and check it for a new run (``resume=False``), or read it to resume
         one. Raises RunFileError, in one line, saying what to do instead."""
         path = Path(path)
+        if (path / LAST).exists() and not holds_run(path):  # a folder: no save replaces it
+            raise CheckpointError(
+                f"{path / LAST} is not a file: remove it, or choose another {option('out')}"
+            )
         if resume and not holds_run(path):
             raise CheckpointError(
                 f"{path} has no checkpoint ({LAST}) to resume: start a new run with {option('out')}"

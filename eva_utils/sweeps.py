@@ -13,6 +13,7 @@ import difflib
 import itertools
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,8 +26,8 @@ import torch
 
 from .config import GRID_FIELDS, Config, field_flags, parse_field, recipe_name
 from .data import check_out_of_data
-from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged
-from .files import atomic_write_json
+from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged, option
+from .files import atomic_write_json, check_output_folder
 from .plots import plot_sweep, save_figure
 from .progress import tqdm
 from .results import SWEEP_JSON, summarize_sweep
@@ -118,8 +119,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> list[PlannedRun]:
     """Every cell x seed of the sweep: ``config`` with the cell's grid values and the seed, in
-    ``out/<recipe name>``, with the epochs that folder holds already. Every recipe is checked
-    before anything trains."""
+    ``out/<recipe name>``, with the epochs that folder holds already. Every recipe, and that
+    ``out`` can be written, is checked before anything trains."""
     for name, values in grid.items():
         check_grid_field(name)
         check_distinct(name, list(values), f"the grid's {name}")
@@ -133,20 +134,28 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
             f"the sweep has {count:,} runs ({sizes} values x seeds), more than the {MAX_RUNS:,} "
             "one sweep may plan: give fewer values, or split it into several sweeps"
         )
+    check_output_folder(out)
     runs, cells = [], {}
     for values in itertools.product(*grid.values()):
         cell = dict(zip(grid, values))
-        shown = ", ".join(f"{name}={value}" for name, value in cell.items())
+        shown = ", ".join(  # as --grid spells them: augment=crop+flip
+            f"{name}={'+'.join(value) if isinstance(value, tuple) else value}"
+            for name, value in cell.items()
+        )
         for seed in seeds:
             try:
                 run_config = config.replace(**cell, seed=seed)
             except ConfigError as error:
                 raise ConfigError(f"the grid cell {shown}: {error}") from None
             folder = _run_folder(Path(out), run_config)
-            if cells.setdefault(folder, shown) != shown:
+            # BatchNorm has no ghost batches: num_splits changes nothing it trains
+            ignored = run_config.norm == "bn" and "num_splits" in cell
+            trains = recipe_name(run_config.replace(num_splits=1) if ignored else run_config)
+            if cells.setdefault(trains, shown) != shown:
+                why = f"{option('norm', 'bn')} ignores {option('num_splits')}"
                 raise ConfigError(
-                    f"the grid cells {cells[folder]} and {shown} are one recipe ({folder.name}): "
-                    "give values that train different runs"
+                    f"the grid cells {cells[trains]} and {shown} are one recipe "
+                    f"({why if ignored else folder.name}): give values that train different runs"
                 )
             runs.append(PlannedRun(run_config, folder, epochs_done(folder)))
     return runs
@@ -253,7 +262,7 @@ def _train_in_subprocesses(
                 if exited:
                     del running[process], placed[process]
                     if process.returncode != 0:
-                        failed.append((run, _last_line(_log(run))))
+                        failed.append((run, _why_it_failed(process, run)))
             bar.set_postfix_str(f"{len(running)} running")
     except KeyboardInterrupt:
         for process in running:  # each saves its last finished epoch, then exits
@@ -288,9 +297,16 @@ def _start(run: PlannedRun, gpu: str | None = None) -> subprocess.Popen:
                                 preexec_fn=ends_with_this_process())  # fmt: skip
 
 
-def _last_line(path: Path) -> str:
-    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    return lines[-1] if lines else "no output"
+def _why_it_failed(process: subprocess.Popen, run: PlannedRun) -> str:
+    """The signal that killed a child (SIGKILL: most often the system out of memory), else
+    the last line it wrote to its log."""
+    if process.returncode < 0:
+        name = signal.Signals(-process.returncode).name
+        oom = " (most often: the machine ran out of memory)" if name == "SIGKILL" else ""
+        return f"killed by signal {name}{oom}; its log: {_log(run)}"
+    log = _log(run)
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1] if lines else f"exit status {process.returncode}, no output"
 
 
 def write_summary(out: str | Path) -> dict[str, Any]:

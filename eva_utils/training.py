@@ -19,10 +19,12 @@ from .errors import (
     EvaError,
     Interrupted,
     TrainingDiverged,
+    epochs_held,
     option,
     resume_command,
     spelled,
 )
+from .precision import emulation_note
 from .progress import epoch_bar, note
 from .ranks import Ranks
 from .results import describe_data
@@ -69,6 +71,8 @@ def fit(
         try:
             recorded = config.replace(data=data_source(config.data))  # found from any folder
             state = TrainingState(recorded, datasets, progress and ranks.is_main, ranks)
+            if slow := emulation_note(state.device, config.precision):
+                note(slow, ranks.is_main)
             if folder is not None and folder.state is not None:
                 state.load_state_dict(folder.state)
                 if change := precision_change(state):
@@ -289,7 +293,7 @@ def _interrupted(folder: RunFolder | None, epoch: int) -> Interrupted:
     if not saved:
         return Interrupted("stopped in epoch 1; no epoch had finished, nothing to resume")
     return Interrupted(
-        f"stopped in epoch {saved + 1}; {folder.path / LAST} holds epochs 1-{saved}: "
+        f"stopped in epoch {saved + 1}; {folder.path / LAST} holds {epochs_held(saved)}: "
         f"resume with: {resume_command(folder.path)}"
     )
 

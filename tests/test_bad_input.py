@@ -417,3 +417,25 @@ def test_analyze_refuses_data_whose_classes_are_not_the_checkpoints(tmp_path, ca
     line = assert_one_line_error(code, err, "best.pt was trained on the classes ['airplane'")
     assert "the data has ['ant', 'bee', 'cow']: analyze it with the run's own data" in line
     assert not (tmp_path / "run" / "analysis.json").exists()
+
+
+@pytest.mark.parametrize("how", ["train", "sweep", "fit", "library sweep"])
+def test_an_out_folder_name_too_long_for_a_file_system_is_one_line(how, tmp_path, capsys):
+    """A folder name over 255 bytes is refused before any folder is made, not an OSError."""
+    from eva_utils import fit, sweep
+    from eva_utils.errors import RunFileError
+
+    out = tmp_path / "runs" / ("x" * 300)
+    if how in ("train", "sweep"):
+        code, err = eva8(capsys, how, *SYNTHETIC, "--out", out)
+        assert_one_line_error(code, err, "is 300 bytes", "choose a shorter --out")
+    else:
+        config = get_preset("session8").replace(data="synthetic", train_size=16, test_size=10,
+                                                epochs=1, device="cpu")  # fmt: skip
+        with pytest.raises(RunFileError, match="is 300 bytes.*choose a shorter out=") as error:
+            if how == "fit":
+                fit(config, out=out, progress=False)
+            else:
+                sweep(config, {"dropout": [0.0]}, out=out, progress=False)
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "runs").exists()

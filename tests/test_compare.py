@@ -121,3 +121,25 @@ def test_compare_refuses_more_runs_than_it_can_tell_apart(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("eva8: error: compare draws at most 40 runs"), err
     assert not (tmp_path / "c").exists()
+
+
+def test_runs_whose_folders_share_a_name_are_told_apart_by_their_paths(tmp_path, capsys):
+    """a/run and b/run are labelled a/run and b/run, not run twice."""
+    for parent in ("a", "b"):
+        (tmp_path / parent / "run").mkdir(parents=True)
+        (tmp_path / parent / "run" / "metrics.json").write_bytes(
+            (GBN / "metrics.json").read_bytes()
+        )
+    runs = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "c.png")]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:3]
+    assert rows[0].startswith("a/run ") and "GBN 2 splits, dropout 0.1 (a/run)" in rows[0]
+    assert rows[1].startswith("b/run ") and "GBN 2 splits, dropout 0.1 (b/run)" in rows[1]
+
+
+def test_the_same_run_given_twice_is_refused_in_one_line(tmp_path, capsys):
+    code = main(["compare", str(GBN), str(GBN / "metrics.json"), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{GBN} is given twice: compare different runs" in err
+    assert not (tmp_path / "c").exists()

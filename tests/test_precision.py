@@ -76,29 +76,72 @@ def test_readme_platform_table_is_generated_from_the_choice():
     assert platform_table() in (ROOT / "README.md").read_text()
 
 
+def emulation_note(device: str, precision: str) -> str:
+    """The note for ``precision`` on ``device``, looked up when called (so that each test fails
+    alone on code without it)."""
+    from eva_utils import precision as module
+
+    return module.emulation_note(torch.device(device), precision)
+
+
 @pytest.mark.parametrize("gpu", ["T4", "V100", "P100"])
-def test_explicit_bf16_where_it_is_emulated_runs_in_bf16_with_a_one_line_warning(monkeypatch, gpu):
+def test_explicit_bf16_where_it_is_emulated_runs_in_bf16_with_a_one_line_note(monkeypatch, gpu):
     name, capability, _ = GPUS[gpu]
     simulate_gpu(monkeypatch, name, capability)
-    with pytest.warns(UserWarning, match="bf16 is emulated") as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note, not a UserWarning
         chosen = choose_precision(torch.device("cuda"), "bf16")
     assert chosen.dtype == BF16 and not chosen.scaler
-    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    note = emulation_note("cuda", "bf16")
+    assert note.startswith("note: bf16 is emulated on this cuda") and "\n" not in note
 
 
-def test_explicit_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
+def test_explicit_bf16_on_a_cpu_without_bf16_instructions_says_so_in_a_note(monkeypatch):
     simulate_cpu(monkeypatch, bf16_instructions=False)
-    with pytest.warns(UserWarning, match="bf16 is emulated on this cpu"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert choose_precision(torch.device("cpu"), "bf16").dtype == BF16
+    assert emulation_note("cpu", "bf16") == (
+        "note: bf16 is emulated on this cpu (no bf16 instructions): training runs, slowly; "
+        "precision=auto uses fp32 here"
+    )
 
 
 @pytest.mark.parametrize("gpu", ["A100", "H100"])
-def test_explicit_bf16_where_it_is_native_does_not_warn(monkeypatch, gpu):
+def test_explicit_bf16_where_it_is_native_has_no_note(monkeypatch, gpu):
     name, capability, _ = GPUS[gpu]
     simulate_gpu(monkeypatch, name, capability)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert choose_precision(torch.device("cuda"), "bf16").dtype == BF16
+    assert emulation_note("cuda", "bf16") == emulation_note("cuda", "fp16") == ""
+
+
+@pytest.mark.parametrize("bf16_instructions", [True, False])
+def test_explicit_fp16_on_a_cpu_says_it_is_emulated_and_slow(monkeypatch, bf16_instructions):
+    simulate_cpu(monkeypatch, bf16_instructions)
+    auto = "bf16" if bf16_instructions else "fp32"
+    assert emulation_note("cpu", "fp16") == (
+        "note: fp16 is emulated on a CPU: training runs, 8-12x slower than in fp32; "
+        f"precision=auto uses {auto} here"
+    )
+    assert notebook.device_report("cpu", "fp16").splitlines()[1] == emulation_note("cpu", "fp16")
+    assert emulation_note("cpu", "auto") == emulation_note("cpu", "fp32") == ""
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_training_in_an_emulated_precision_says_so_in_one_note_not_a_warning(
+    precision, monkeypatch, capsys
+):
+    from eva_utils.training import fit
+
+    simulate_cpu(monkeypatch, bf16_instructions=False)
+    config = RESUMABLE.replace(precision=precision, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(config, progress=False)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: {precision} is emulated on ")
 
 
 @pytest.mark.parametrize("gpu", GPUS)

@@ -438,7 +438,11 @@ def test_notebook_uses_the_download_when_no_local_copy_exists(
     monkeypatch.setenv(pretrained.URL_ENV, asset.as_uri())
     monkeypatch.setattr(pretrained, "SHA256", pretrained.file_sha256(asset))
     trained = notebook.trained_or_untrained()
-    assert "the reference run's trained ResNet18" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the reference run's trained ResNet18" in out
+    # described from the record of the run it was published from, results/session8-h100
+    assert "the published model of results/session8-h100" in out
+    assert "30 epochs on NVIDIA H100 80GB HBM3" in out
     assert trained.folder == hub / "checkpoints" / asset.stem
     loaded = trained.model.state_dict()
     assert not torch.equal(model["conv1.weight"], model["conv1.weight"].half().float())
@@ -453,7 +457,8 @@ def test_notebook_falls_back_when_the_download_fails(
     url = (tmp_path / "no-such-asset.pt").as_uri()
     monkeypatch.setenv(pretrained.URL_ENV, url)
     trained = notebook.trained_or_untrained()
-    failure, model_line = capsys.readouterr().out.splitlines()
+    missing, failure, model_line = capsys.readouterr().out.splitlines()
+    assert missing.startswith(f"{notebook.REFERENCE_ENV}=") and "does not exist" in missing
     assert failure.startswith(f"could not download the trained model from {url}")
     assert model_line.startswith("model: an UNTRAINED session8 ResNet18")
     assert trained.epoch == 0
@@ -465,3 +470,63 @@ def test_smoke_mode_downloads_nothing(hub, asset, monkeypatch, no_local_referenc
     monkeypatch.setattr(pretrained, "SHA256", pretrained.file_sha256(asset))
     assert notebook.reference_checkpoint() is None
     assert cached_files(hub) == []
+
+
+def write_reference_run(folder: Path, epochs: int, device_name: str) -> Path:
+    """A run folder with a best.pt and a metrics.json of ``epochs`` epochs on ``device_name``."""
+    write_best(folder, build_model(CONFIG, len(CIFAR10_CLASSES)).state_dict())
+    history = [dict(epoch=e, train_loss=2.0, train_acc=0.2, test_loss=2.0, test_acc=0.2 + e / 100,
+                    lr=0.01, seconds=1.0) for e in range(1, epochs + 1)]  # fmt: skip
+    environment = {"device": "cuda", "device_name": device_name}
+    runfolder.write_metrics(folder / runfolder.METRICS, CONFIG, history, environment)
+    return folder
+
+
+def test_a_reference_run_is_described_by_its_own_epochs_and_hardware(
+    tmp_path, monkeypatch, capsys, no_local_reference
+):
+    """A run given as the reference (a student's own, say) is not called 30 epochs on an H100."""
+    folder = write_reference_run(tmp_path / "mine", epochs=2, device_name="Tesla T4")
+    monkeypatch.setenv(notebook.REFERENCE_ENV, str(folder))
+    trained = notebook.trained_or_untrained()
+    out = capsys.readouterr().out
+    assert out.startswith("model: the reference run's trained ResNet18") and out.count("\n") == 1
+    assert "(mine: session8 recipe, 2 epochs on Tesla T4; best epoch 3, 50.00%)" in out
+    assert "H100" not in out and trained.epoch == 3
+
+
+@pytest.mark.parametrize("helper", ["trained_or_untrained", "gallery_model"])
+def test_a_truncated_reference_model_falls_back_with_a_hint(
+    helper, tmp_path, monkeypatch, capsys, no_local_reference
+):
+    """A best.pt cut short is said in one line with what to do, and the notebook goes on with
+    what it uses when there is no reference model: an untrained model, or the notebook's run."""
+    folder = write_reference_run(tmp_path / "copy", epochs=2, device_name="Tesla T4")
+    best = folder / runfolder.BEST
+    best.write_bytes(best.read_bytes()[:1000])
+    own = write_reference_run(tmp_path / "own", epochs=1, device_name="cpu")
+    monkeypatch.setenv(notebook.REFERENCE_ENV, str(folder))
+    if helper == "gallery_model":
+        trained = notebook.gallery_model(own, CONFIG.replace(data="cifar10.tar.gz"))
+    else:
+        trained = notebook.trained_or_untrained()
+    hint, model_line = capsys.readouterr().out.splitlines()
+    assert hint.startswith(f"{best} is not a readable checkpoint") and "delete it" in hint
+    assert trained.epoch == (3 if helper == "gallery_model" else 0)
+    assert trained.folder == (own if helper == "gallery_model" else None)
+    expected = f"the best epoch (3) of {own}" if helper == "gallery_model" else "an UNTRAINED"
+    assert model_line.startswith(f"model: {expected}")
+
+
+@pytest.mark.parametrize("smoke", [True, False], ids=["smoke", "download"])
+def test_a_missing_reference_run_path_is_said_before_anything_else(
+    smoke, hub, tmp_path, monkeypatch, capsys, no_local_reference
+):
+    """EVA_REFERENCE_RUN naming no best.pt is said in one line, with what happens instead."""
+    if smoke:
+        monkeypatch.setenv(notebook.SMOKE_ENV, "1")
+    monkeypatch.setenv(pretrained.URL_ENV, (tmp_path / "no-such-asset.pt").as_uri())
+    assert notebook.reference_checkpoint() is None
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"{notebook.REFERENCE_ENV}={tmp_path / 'no-such-run'} does not exist")
+    assert ("no reference model in smoke mode" if smoke else "downloading it") in first

@@ -118,7 +118,7 @@ def test_sigterm_exits_130_says_how_to_resume_and_resume_completes(tmp_path):
     assert code == 130
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
-        f"eva8: stopped in epoch 2; {Path('run') / 'last.pt'} holds epochs 1-1: "
+        f"eva8: stopped in epoch 2; {Path('run') / 'last.pt'} holds epoch 1: "
         "resume with: python -m eva_utils train --resume run"
     )
     assert saved_epochs(tmp_path / "run") == [1]
@@ -195,7 +195,7 @@ def test_interrupt_during_the_checkpoint_write_keeps_the_previous_epoch(tmp_path
 
     full = fit(TINY, progress=False)
     monkeypatch.setattr(runfolder, "atomic_write", interrupted_write)
-    with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*last.pt holds epochs 1-1"):
+    with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*last.pt holds epoch 1"):
         fit(TINY, out=tmp_path / "run", progress=False)
     assert saved_epochs(tmp_path / "run") == [1]
     assert leftovers(tmp_path / "run") == []

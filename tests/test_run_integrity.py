@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -107,6 +108,22 @@ def test_notebook_run_folder_is_the_same_for_changes_a_resume_allows():
     assert notebook.recipe_name(same) == notebook.recipe_name(BASE)
 
 
+@pytest.mark.parametrize("variable", ["EVA_RUN_DIR", "EVA_REFERENCE_RUN"])
+def test_an_empty_notebook_folder_variable_counts_as_unset(variable, monkeypatch, tmp_path):
+    """EVA_RUN_DIR='' trains in the recipe's folder, not in the current one; an empty
+    EVA_REFERENCE_RUN looks where an unset one looks, not in the current folder."""
+    monkeypatch.delenv("EVA_SMOKE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / runfolder.BEST).write_text("not the reference run")
+    monkeypatch.setenv(variable, "")
+    if variable == "EVA_RUN_DIR":
+        assert notebook.run_folder("runs", BASE) == Path("runs") / notebook.recipe_name(BASE)
+    else:
+        monkeypatch.setattr(notebook, "_search_roots", lambda: [])
+        monkeypatch.setattr(notebook.pretrained, "download", lambda: None)
+        assert notebook.reference_checkpoint() is None
+
+
 # --- 2. interrupts: during a checkpoint write, and at start-up ---------------------------------
 
 
@@ -147,7 +164,7 @@ def test_a_signal_during_the_checkpoint_write_lets_it_finish_then_stops(
     signal_during_writes, tmp_path
 ):
     config = BASE.replace(epochs=2)
-    with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*holds epochs 1-1: resume with"):
+    with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*holds epoch 1: resume with"):
         fit(config, out=tmp_path / "run", progress=False)
     state = runfolder.load_checkpoint(tmp_path / "run" / runfolder.LAST)
     assert [row["epoch"] for row in state["history"]] == [1]
@@ -166,7 +183,7 @@ def test_a_signal_during_the_checkpoint_write_exits_130_with_the_resume_hint(
     )  # fmt: skip
     assert code == 130
     assert err.strip().splitlines() == [
-        f"eva8: stopped in epoch 2; {tmp_path / 'run' / 'last.pt'} holds epochs 1-1: resume "
+        f"eva8: stopped in epoch 2; {tmp_path / 'run' / 'last.pt'} holds epoch 1: resume "
         f"with: python -m eva_utils train --resume {tmp_path / 'run'}"
     ]
 
@@ -344,10 +361,43 @@ def test_resume_of_a_complete_run_says_so_and_writes_nothing(epochs, tmp_path, c
     flags = ["--epochs", epochs] if epochs != "none" else []
     code, out, err = eva8(capsys, "train", "--resume", tmp_path / "run", *flags, "--quiet")
     assert (code, err) == (0, "")
-    assert "is already complete: it holds epochs 1-1 and --epochs is 1" in out
+    assert "is already complete: it holds epoch 1 and --epochs is 1" in out
     assert "nothing to train" in out
     assert "wrote" not in out
     assert last.stat().st_mtime_ns == before
+
+
+def test_a_complete_run_of_two_epochs_says_it_holds_epochs_1_2(tmp_path, capsys):
+    fake_checkpoint(BASE.replace(epochs=2), tmp_path / "run", epochs=2)
+    code, out, err = eva8(capsys, "train", "--resume", tmp_path / "run", "--quiet")
+    assert (code, err) == (0, "")
+    assert "is already complete: it holds epochs 1-2 and --epochs is 2" in out
+
+
+# --- a last.pt that is no file, a metrics.json of another format ----------------------------------
+
+
+def test_a_last_pt_that_is_a_folder_is_no_run_to_resume_and_is_refused_in_one_line(
+    tmp_path, capsys
+):
+    (tmp_path / "run" / runfolder.LAST).mkdir(parents=True)
+    assert not notebook.can_resume(tmp_path / "run")
+    assert capsys.readouterr().out == ""
+    flags = ["--data", "synthetic", "--train-size", "16", "--test-size", "10", "--device", "cpu"]
+    for how, given in (("--out", flags), ("--resume", [])):
+        code, _, err = eva8(capsys, "train", *given, "--quiet", how, tmp_path / "run")
+        one_line_error(code, err, f"{tmp_path / 'run' / 'last.pt'} is not a file: remove it")
+    assert (tmp_path / "run" / runfolder.LAST).is_dir()
+
+
+@pytest.mark.parametrize("written", ["eva9-metrics", 2])
+def test_a_metrics_json_of_another_format_is_refused_in_one_line(written, tmp_path):
+    fake_checkpoint(BASE, tmp_path / "run")
+    metrics = tmp_path / "run" / runfolder.METRICS
+    recorded = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**recorded, "format": written}))
+    with pytest.raises(RunFileError, match=f"is of the format {written!r}, not 'eva8-metrics'"):
+        runfolder.read_metrics(metrics)
 
 
 # --- 9. nothing left behind by smoke runs -------------------------------------------------------

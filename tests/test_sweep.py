@@ -151,6 +151,10 @@ BAD_INPUT = {
     "--seeds 1,,2": "--seeds must be a whole number, got ''",
     "--grid dropout=0 --dropout 0.1": "--dropout and --grid dropout",
     "--grid dropout=0,0.0": "--grid dropout=0,0.0: dropout 0.0 is given twice",
+    "--grid augment=crop+flip,flip+crop": "the grid cells augment=crop+flip and augment=flip+crop "
+    "are one recipe",
+    "--preset fast --grid num_splits=1,2": "the grid cells num_splits=1 and num_splits=2 are one "
+    "recipe (--norm bn ignores --num-splits)",
     "--grid dropout=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9 --grid lr=0.1,0.2,0.3,0.4,0.5 --grid "
     "momentum=0.1,0.2,0.3,0.4,0.5 --seeds 1,2,3,4,5": "the sweep has 1,250 runs (10 x 5 x 5 x 5 "
     "values x seeds), more than the 1,000",
@@ -241,3 +245,67 @@ def test_the_sweep_figure_counts_one_seed_as_one_seed(tmp_path):
     figure = plot_sweep(summarize_sweep(tmp_path)["cells"])
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert all(label.endswith("(1 seed)") for label in labels[:2]), labels
+
+
+def test_a_child_killed_by_sigkill_is_said_to_be_killed_not_to_have_no_output(
+    tmp_path, monkeypatch
+):
+    """A --parallel child that the kernel kills (out of memory: SIGKILL) leaves no line in its
+    log; the sweep names the signal instead of "no output"."""
+    import subprocess
+    import sys
+
+    runs = plan(get_preset("session8").replace(**TINY), {"dropout": [0.0, 0.1]}, [1], tmp_path)
+    suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(
+        sweeps, "_start", lambda run, gpu=None: subprocess.Popen([sys.executable, "-c", suicide])
+    )
+    failed = sweeps.train_planned(runs, parallel=2, progress=False)
+    assert len(failed) == 2
+    for run, why in failed:
+        assert why == (
+            "killed by signal SIGKILL (most often: the machine ran out of memory); its log: "
+            f"{tmp_path / 'logs' / run.folder.name}.log"
+        )
+
+
+def test_the_order_of_augmentations_is_one_recipe():
+    """The loaders apply crop, flip, rotate in that order whatever the order given."""
+    given = Config(augment=("rotate", "flip", "crop"))
+    assert given.augment == ("crop", "flip", "rotate") == Config().augment
+    assert sweeps.recipe_name(Config(augment=["flip", "crop"])) == sweeps.recipe_name(
+        Config(augment=("crop", "flip"))
+    )
+
+
+def test_a_grid_over_data_sizes_is_described_with_every_size_not_the_first_runs(tmp_path):
+    config = get_preset("session8").replace(data="synthetic")
+    _record(tmp_path / "small", config.replace(train_size=1000, test_size=500), [0.5, 0.6])
+    _record(tmp_path / "large", config.replace(train_size=4000, test_size=500), [0.6, 0.7])
+    summary = summarize_sweep(tmp_path)
+    assert summary["varied"] == ["train_size"]
+    assert summary["data"] == "synthetic (train/test images: 1,000/500, 4,000/500)"
+    sweeps.write_summary(tmp_path)
+    assert "1,000/500, 4,000/500" in json.loads((tmp_path / SWEEP_JSON).read_text())["data"]
+
+
+def test_a_foreign_runs_long_label_is_wrapped_and_leaves_the_plot_its_width(tmp_path):
+    """A run of another recipe in the sweep's folder is labelled by every field it differs in;
+    the legend, inside the plot, must not squeeze the plot to a sliver."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from eva_utils.plots import plot_sweep
+
+    config = get_preset("session8")
+    _record(tmp_path / "a", config, [0.80, 0.86])
+    changes = dict(lr=0.05, momentum=0.8, weight_decay=1e-3, batch_size=256, train_size=10000,
+                   test_size=2000, augment=("crop",), gamma=0.5)  # fmt: skip
+    foreign = config.replace(seed=2, **changes)
+    _record(tmp_path / "foreign", foreign, [0.82, 0.84])
+    cells = summarize_sweep(tmp_path)["cells"]
+    assert max(len(cell["label"]) for cell in cells) > 100
+    figure = plot_sweep(cells, "title")
+    FigureCanvasAgg(figure).draw()
+    axes = figure.axes[0].get_window_extent()
+    legend = figure.axes[0].get_legend().get_window_extent()
+    assert axes.width > 0.8 * figure.bbox.width and legend.width < axes.width

@@ -196,6 +196,13 @@ def sigterm_handler_installed(pid: int) -> bool:
     return False
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default in the child, as a terminal's Ctrl-C finds it: a suite started as a
+    shell's background job (``make test &``) inherits SIGINT ignored, and a Python started so
+    keeps ignoring it, as a program in the background should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_at_start_up_exits_130_with_one_line(signum, tmp_path):
@@ -204,6 +211,7 @@ def test_a_signal_at_start_up_exits_130_with_one_line(signum, tmp_path):
         [sys.executable, "-m", "eva_utils", "train", "--data", "synthetic", "--epochs", "1",
          "--out", str(tmp_path / "run")],
         cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not sigterm_handler_installed(process.pid):

@@ -97,7 +97,7 @@ def test_fit_runs_every_epoch_and_writes_a_valid_run_folder(tmp_path):
 
 def test_fit_learns_the_synthetic_task():
     # 128 images in batches of 8, 6 epochs: 0.98 on 64 test images in fp32 on an AVX2 CPU
-    # (5 epochs reached 0.77, 4 reached 0.64): half the images of the earlier 256 x 5 epochs.
+    # (5 epochs reached 0.77, 4 reached 0.64): 768 training images, the earlier 256 x 5 had 1,280.
     config = Config(data="synthetic", train_size=128, test_size=64, batch_size=8, epochs=6,
                     lr=0.05, schedule="onecycle", norm="bn", dropout=0.0)  # fmt: skip
     history = fit(config, progress=False)

@@ -33,9 +33,10 @@ ablation: $(STAMP)
 		--seeds 1,2,3 --out $(ABLATION) --parallel $(PARALLEL) $(if $(DATA),--data $(DATA)) $(ARGS)
 
 ## the whole suite: unit tests, CLI tests, real-data tests (if ../shared/data exists), notebooks under nbval;
-## one pytest-xdist worker per core, each file (a notebook's cells, a module's shared trained run) on one
+## pytest-xdist workers (one more than cores: tests/conftest.py), each file (a notebook's cells, a
+## module's shared trained run) on one, the longest files first (LONG_FILES, kept in that order)
 test: $(STAMP)
-	EVA_SMOKE=1 $(PY) -m pytest -n auto --dist loadfile --nbval-lax tests notebooks
+	EVA_SMOKE=1 $(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder --nbval-lax tests notebooks
 
 lint: $(STAMP)
 	$(PY) -m ruff check eva_utils tests benchmarks tools

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 from pathlib import Path
 
 import torch
-import torchvision
 
 from .errors import ConfigError, option
 from .precision import Precision
@@ -64,7 +64,9 @@ def environment(device: torch.device) -> dict[str, str]:
         name = _cpu_name() or platform.processor() or device.type
     return {
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        # from the installed package's metadata: importing torchvision costs a CPU-second or two
+        # at every start (its ops load torch._dynamo), and the default loader never uses it
+        "torchvision": importlib.metadata.version("torchvision"),
         "python": platform.python_version(),
         "device": device.type,
         "device_name": name,

@@ -26,10 +26,23 @@ REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 TINY_CLASSES = ("cat", "dog", "ship")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (``make test``): one worker more than there are cores. A worker often waits
+    on a process it started (a CLI run, a torchrun job, a notebook kernel, a killed process's
+    timeout), and the extra worker computes meanwhile: with one worker per core, the suite kept
+    2 cores busy 82% of the time (1,817 CPU-seconds in 1,114 s; /usr/bin/time).
+    PYTEST_XDIST_AUTO_NUM_WORKERS still sets the number."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs one worker per core), each worker computes in its
-    share of the cores, and so do the notebook kernels and subprocesses it starts (they inherit
-    OMP_NUM_THREADS): torch's default, a thread per core in every worker, oversubscribes them."""
+    """Under pytest-xdist (``make test``: one worker more than there are cores), each worker
+    computes in its share of the cores (one thread where workers outnumber cores), and so do the
+    notebook kernels and subprocesses it starts (they inherit OMP_NUM_THREADS): torch's default,
+    a thread per core in every worker, oversubscribes them."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -37,15 +50,19 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-# The files that take longest (pytest --durations on 2 cores, longest first): started first, so
-# that the workers of `make test` (each takes whole files) end together, not with one of them
-# training the last long file alone while the other core idles.
+# The files that take longest (the sum of their tests' --durations under `make test` on 2 cores,
+# longest first): started first, so that the workers (each takes whole files, in this order:
+# `make test` passes --no-loadscope-reorder, without which pytest-xdist starts the files with the
+# most tests first and a 2-test file of 5 minutes last) end together, not with one of them
+# training the last long file alone while the other cores idle.
 LONG_FILES = (
-    "tests/test_distributed.py", "tests/test_real_data.py", "tests/test_engine.py",
-    "tests/test_resume.py", "tests/test_notebooks.py", "tests/test_colab_drive.py",
-    "tests/test_reliability.py",
-    "notebooks/session8_resnet18_gbn.ipynb", "tests/test_same_history.py", "tests/test_cli.py",
-    "tests/test_run_integrity.py",
+    "tests/test_distributed.py", "tests/test_real_data.py", "tests/test_resume.py",
+    "tests/test_engine.py", "tests/test_reliability.py", "tests/test_notebooks.py",
+    "tests/test_cli.py", "tests/test_lock.py", "tests/test_fast_path.py",
+    "tests/test_run_integrity.py", "tests/test_first_contact.py", "tests/test_same_history.py",
+    "tests/test_full_disk.py", "tests/test_data_identity.py", "tests/test_colab_drive.py",
+    "tests/test_figures.py", "tests/test_receptive_field.py",
+    "notebooks/session8_resnet18_gbn.ipynb",
 )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 TINY_CLASSES = ("cat", "dog", "ship")
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: pytest runs without xdist too
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (``make test``): one worker more than there are cores. A worker often waits
     on a process it started (a CLI run, a torchrun job, a notebook kernel, a killed process's

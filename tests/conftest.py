@@ -30,8 +30,8 @@ TINY_CLASSES = ("cat", "dog", "ship")
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (``make test``): one worker more than there are cores. A worker often waits
     on a process it started (a CLI run, a torchrun job, a notebook kernel, a killed process's
-    timeout), and the extra worker computes meanwhile: with one worker per core, the suite kept
-    2 cores busy 82% of the time (1,817 CPU-seconds in 1,114 s; /usr/bin/time).
+    timeout), and the extra worker computes meanwhile. `/usr/bin/time bash .ci/run` on 2 cores
+    (its install included): 158% CPU with one worker per core, 181% with one more.
     PYTEST_XDIST_AUTO_NUM_WORKERS still sets the number."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None

@@ -31,7 +31,8 @@ def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (``make test``): one worker more than there are cores. A worker often waits
     on a process it started (a CLI run, a torchrun job, a notebook kernel, a killed process's
     timeout), and the extra worker computes meanwhile. `/usr/bin/time bash .ci/run` on 2 cores
-    (its install included): 158% CPU with one worker per core, 181% with one more.
+    (its install included): 158% CPU with one worker per core (4edcd2d), 181% with one more
+    and the long files first (d443cc2).
     PYTEST_XDIST_AUTO_NUM_WORKERS still sets the number."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None

@@ -21,6 +21,6 @@ def test_the_library_and_its_environment_record_load_no_torchvision(tmp_path):
         "sys.exit(f'loaded {loaded}' if loaded else 0)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr

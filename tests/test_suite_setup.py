@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from . import conftest
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT
 
 
 def test_auto_starts_one_worker_more_than_there_are_cores(monkeypatch):

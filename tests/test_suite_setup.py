@@ -1,8 +1,10 @@
 """How `make test` spreads the suite (tests/conftest.py): the number of workers, the order the
-files start in, and a suite that still runs where pytest-xdist is not installed."""
+files start in, a suite that still runs where pytest-xdist is not installed, and what it leaves
+in the temporary folder."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +42,35 @@ def test_the_suite_runs_without_pytest_xdist(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+SESSION = """
+def test_passes(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(2**20))
+
+def test_fails(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(2**20))
+    assert False
+"""
+
+
+def _session_leftovers(tmp_path: Path, tests: str) -> list[str]:
+    """The files a pytest session under the project's settings leaves in its temporary folder."""
+    temp = tmp_path / "temp"
+    temp.mkdir(parents=True)
+    (tmp_path / "test_session.py").write_text(tests)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
+         str(tmp_path), "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "test_session.py"],
+        cwd=tmp_path, env={**env, "TMPDIR": str(temp)}, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return sorted(p.relative_to(temp).parts[-2] for p in temp.rglob("checkpoint.pt"))
+
+
+def test_a_passed_tests_folder_is_removed_and_a_failed_ones_kept(tmp_path):
+    """`make test`'s run folders and checkpoints (GBs) are not left in the temporary folder,
+    where pytest would keep the last 3 sessions'; a failed test's files stay to look at."""
+    assert _session_leftovers(tmp_path / "both", SESSION) == ["test_fails0"]
+    passing = SESSION.split("def test_fails")[0]
+    assert _session_leftovers(tmp_path / "passing", passing) == []

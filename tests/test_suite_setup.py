@@ -34,13 +34,19 @@ def test_the_long_files_exist_and_start_first():
     assert order == [*conftest.LONG_FILES, "tests/test_gbn.py"]
 
 
+def pytest_in_one_process(*args: str, cwd: Path, **options) -> subprocess.CompletedProcess:
+    """``pytest -p no:xdist -p no:cacheprovider -q ARGS`` in ``cwd``, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=120, **options,
+    )  # fmt: skip
+
+
 def test_the_suite_runs_without_pytest_xdist(tmp_path):
     """Its conftest's xdist hook is optional: without the plugin, pytest does not refuse it."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
-         "--collect-only", str(ROOT / "tests" / "test_gbn.py")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = pytest_in_one_process(
+        "--collect-only", str(ROOT / "tests" / "test_gbn.py"), cwd=tmp_path
+    )
     assert done.returncode == 0, done.stdout[-2000:]
 
 
@@ -54,23 +60,24 @@ def test_fails(tmp_path):
 """
 
 
-def _session_leftovers(tmp_path: Path, tests: str) -> list[str]:
-    """The files a pytest session under the project's settings leaves in its temporary folder."""
+def session_leftovers(tmp_path: Path, tests: str, exit_code: int) -> list[str]:
+    """The tests whose folders (each holding a checkpoint.pt) a pytest session of ``tests``,
+    under the project's settings, leaves in its temporary folder; it must exit ``exit_code``."""
     temp = tmp_path / "temp"
     temp.mkdir(parents=True)
     (tmp_path / "test_session.py").write_text(tests)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    subprocess.run(
-        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
-         str(tmp_path), "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "test_session.py"],
-        cwd=tmp_path, env={**env, "TMPDIR": str(temp)}, capture_output=True, timeout=120,
+    done = pytest_in_one_process(
+        "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), "test_session.py",
+        cwd=tmp_path, env={**env, "TMPDIR": str(temp)},
     )  # fmt: skip
-    return sorted(p.relative_to(temp).parts[-2] for p in temp.rglob("checkpoint.pt"))
+    assert done.returncode == exit_code, done.stdout[-2000:]
+    return sorted(p.parent.name for p in temp.rglob("checkpoint.pt"))
 
 
 def test_a_passed_tests_folder_is_removed_and_a_failed_ones_kept(tmp_path):
     """`make test`'s run folders and checkpoints (GBs) are not left in the temporary folder,
     where pytest would keep the last 3 sessions'; a failed test's files stay to look at."""
-    assert _session_leftovers(tmp_path / "both", SESSION) == ["test_fails0"]
+    assert session_leftovers(tmp_path / "both", SESSION, exit_code=1) == ["test_fails0"]
     passing = SESSION.split("def test_fails")[0]
-    assert _session_leftovers(tmp_path / "passing", passing) == []
+    assert session_leftovers(tmp_path / "passing", passing, exit_code=0) == []

@@ -50,10 +50,11 @@ def test_the_suite_runs_without_pytest_xdist(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:]
 
 
-SESSION = """
+PASSES = """
 def test_passes(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(bytes(2**20))
-
+"""
+FAILS = """
 def test_fails(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(bytes(2**20))
     assert False
@@ -78,6 +79,5 @@ def session_leftovers(tmp_path: Path, tests: str, exit_code: int) -> list[str]:
 def test_a_passed_tests_folder_is_removed_and_a_failed_ones_kept(tmp_path):
     """`make test`'s run folders and checkpoints (GBs) are not left in the temporary folder,
     where pytest would keep the last 3 sessions'; a failed test's files stay to look at."""
-    assert session_leftovers(tmp_path / "both", SESSION, exit_code=1) == ["test_fails0"]
-    passing = SESSION.split("def test_fails")[0]
-    assert session_leftovers(tmp_path / "passing", passing, exit_code=0) == []
+    assert session_leftovers(tmp_path / "both", PASSES + FAILS, exit_code=1) == ["test_fails0"]
+    assert session_leftovers(tmp_path / "passing", PASSES, exit_code=0) == []

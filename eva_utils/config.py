@@ -24,7 +24,7 @@ SCHEDULES = ("step", "onecycle")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # what each means: eva_utils.precision
 LOADERS = ("device", "torchvision")
 NORMS = ("bn", "gbn")  # what eva_utils.model.norm_layer builds
-ARCHITECTURES = ("resnet18", "resnet34")  # eva_utils.model's networks
+ARCHITECTURES = ("resnet18", "resnet34", "tiny")  # eva_utils.model's networks
 SYNTHETIC = "synthetic"  # the data source of smoke runs: eva_utils.data.synthetic_cifar10
 
 
@@ -83,7 +83,9 @@ class Config:
 
     # model
     arch: str = _knob(
-        "resnet18", "architecture: resnet18 or resnet34 (pytorch-cifar)", HYPERPARAMETER
+        "resnet18",
+        "architecture: resnet18 or resnet34 (pytorch-cifar), or tiny (quick CPU checks)",
+        HYPERPARAMETER,
     )
     norm: str = _knob(
         "gbn", "norm layer: gbn (Ghost BatchNorm) or bn (BatchNorm2d)", HYPERPARAMETER

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -386,29 +387,59 @@ def torchrun_command(config: Config, gpus: int, out: str) -> str:
     )  # fmt: skip
 
 
+# The demo's three runs: what each is, and its arguments to python after the output folder.
+DEMO_RUNS = (
+    ("2 processes with BatchNorm (torchrun)",
+     ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+      "-m", "eva_utils.demo_ranks", "{folder}"]),
+    ("1 process with Ghost BatchNorm", ["-m", "eva_utils.demo_ranks", "{folder}", "--norm", "gbn"]),
+    ("1 process with BatchNorm",
+     ["-m", "eva_utils.demo_ranks", "{folder}", "--norm", "bn", "--name", "one-process"]),
+)  # fmt: skip
+# Seconds for each run, and for a rank waiting on the other: a few seconds' work, but on a
+# loaded machine (a test suite beside it, a busy Colab CPU) starting torch alone can take 30 s.
+DEMO_TIMEOUT, DEMO_PEER_TIMEOUT = 600, 180
+
+
 def ranks_and_ghost_batches() -> dict[str, float]:
     """Train the small network of :mod:`eva_utils.demo_ranks` on two CPU processes with
     BatchNorm, in one process with Ghost BatchNorm of 2 splits, and in one process with plain
     BatchNorm; returns the largest difference of the first from each of the others ("ghost",
-    "plain"), weights and running statistics included."""
+    "plain"), weights and running statistics included. A run that fails raises an
+    :class:`EvaError` naming the run and its last words."""
     from .demo_ranks import compare
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EVA_DIST_TIMEOUT": "60"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EVA_DIST_TIMEOUT": str(DEMO_PEER_TIMEOUT)}
     with tempfile.TemporaryDirectory() as folder:
-        runs = [
-            ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-             "-m", "eva_utils.demo_ranks", folder],
-            ["-m", "eva_utils.demo_ranks", folder, "--norm", "gbn"],
-            ["-m", "eva_utils.demo_ranks", folder, "--norm", "bn", "--name", "one-process"],
-        ]  # fmt: skip
-        for args in runs:
-            done = subprocess.run([sys.executable, *args], env=env, capture_output=True,
-                                  text=True, timeout=300)  # fmt: skip
+        for what, args in DEMO_RUNS:
+            command = [sys.executable, *(arg.format(folder=folder) for arg in args)]
+            try:
+                done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                      timeout=DEMO_TIMEOUT)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                raise EvaError(
+                    f"the two-process demo failed: {what} did not finish in {DEMO_TIMEOUT} s"
+                ) from None
             if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise EvaError(f"the two-process demo failed ({last})")
+                raise EvaError(
+                    f"the two-process demo failed: {what} exited with code {done.returncode} "
+                    f"({_last_words(done.stderr)})"
+                )
         ranks = Path(folder) / "bn.pt"
         return {
             "ghost": compare(ranks, Path(folder) / "gbn.pt"),
             "plain": compare(ranks, Path(folder) / "one-process.pt"),
         }
+
+
+def _last_words(stderr: str) -> str:
+    """The line of a failed process's ``stderr`` that says why: its last eva8 line or Python
+    exception (a rank's, not torchrun's ChildFailedError and banner after it), else its last
+    line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip().strip("=-")]
+    said = [line for line in lines if line.startswith("eva8")
+            or (_EXCEPTION.match(line) and "ChildFailedError" not in line)]  # fmt: skip
+    return (said or lines or ["no output"])[-1]
+
+
+_EXCEPTION = re.compile(r"(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b")

@@ -24,7 +24,7 @@ from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folde
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = [
     "--train-size", "16", "--test-size", "10", "--batch-size", "8", "--max-batches", "1",
-    "--epochs", "1", "--device", "cpu", "--quiet",
+    "--epochs", "1", "--device", "cpu", "--quiet", "--arch", "tiny",
 ]  # fmt: skip
 SYNTHETIC = ["--data", "synthetic", *TINY]
 
@@ -140,7 +140,7 @@ def test_truncated_tar_gz(tmp_path, capsys):
         (["--num-workers", "-1"], "num_workers must be zero or positive"),
         (["--batch-size", "2", "--num-splits", "4"], "num_splits (4) is larger than batch_size"),
         (["--preset", "session9"], "unknown preset 'session9': choose one of session8, fast"),
-        (["--arch", "resnet50"], "arch must be resnet18 or resnet34"),
+        (["--arch", "resnet50"], "arch must be one of resnet18, resnet34, tiny"),
     ],
 )
 def test_impossible_settings(flags, message, tmp_path, capsys):

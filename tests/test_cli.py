@@ -29,7 +29,7 @@ def assert_real_png(path: Path) -> None:
 def test_train_on_a_tiny_image_folder_writes_metrics_checkpoints_and_graphs(tmp_path, tiny_folder):
     out = tmp_path / "runs" / "tiny"
     result = run("train", "--preset", "session8", "--data", tiny_folder, "--epochs", "1",
-                 "--batch-size", "4", "--out", out)  # fmt: skip
+                 "--batch-size", "4", "--arch", "tiny", "--out", out)  # fmt: skip
     assert "best test accuracy" in result.stdout
     # progress: piped into a log (as here), one plain line per epoch instead of redrawn bars
     assert "epoch 1/1: test_acc" in result.stderr
@@ -44,11 +44,11 @@ def test_train_on_a_tiny_image_folder_writes_metrics_checkpoints_and_graphs(tmp_
 
 def test_train_in_fp16_with_a_gradient_scaler_on_the_cpu(tmp_path):
     """fp16 is emulated on most CPUs (about ten times slower than fp32, a step's time growing
-    with its batch), so one step of 4 images."""
+    with its batch), so one step of 4 images, on the small network."""
     out = tmp_path / "run"
     run("train", "--precision", "fp16", "--device", "cpu", "--data", "synthetic",
         "--train-size", "4", "--test-size", "10", "--batch-size", "4", "--epochs", "1",
-        "--out", out, "--quiet")  # fmt: skip
+        "--arch", "tiny", "--out", out, "--quiet")  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["precision"] == "fp16"
     assert [row["epoch"] for row in metrics["history"]] == [1]
@@ -57,7 +57,8 @@ def test_train_in_fp16_with_a_gradient_scaler_on_the_cpu(tmp_path):
 def test_plot_redraws_the_graphs_without_training(tmp_path):
     out = tmp_path / "run"  # two epochs of one small batch: a metrics.json to draw, quickly
     run("train", "--data", "synthetic", "--train-size", "8", "--test-size", "8",
-        "--batch-size", "8", "--epochs", "2", "--out", out, "--quiet")  # fmt: skip
+        "--batch-size", "8", "--epochs", "2", "--arch", "tiny", "--out", out,
+        "--quiet")  # fmt: skip
     result = run("plot", out / "metrics.json", "--out", tmp_path / "graphs")
     assert {p.name for p in (tmp_path / "graphs").iterdir()} == FIGURES
     assert "wrote" in result.stdout
@@ -95,7 +96,7 @@ def test_every_config_field_has_a_train_flag():
 
 
 SMOKE = ["--data", "synthetic", "--train-size", "64", "--test-size", "32", "--batch-size", "8",
-         "--max-batches", "4", "--epochs", "2", "--device", "cpu"]  # fmt: skip
+         "--max-batches", "4", "--epochs", "2", "--device", "cpu", "--arch", "tiny"]  # fmt: skip
 
 
 def test_progress_piped_into_a_log_is_one_plain_line_per_epoch(tmp_path):

@@ -23,7 +23,7 @@ from eva_utils.runfolder import LAST, METRICS
 from .test_notebooks import MAIN, ROOT, code_cells, colab_environment, run_notebook, stored_text
 
 TINY = Config(data="synthetic", train_size=32, test_size=16, batch_size=16, epochs=1,
-              device="cpu", num_workers=0)  # fmt: skip
+              device="cpu", num_workers=0, arch="tiny")  # fmt: skip
 
 
 def test_the_parameter_cell_keeps_runs_in_the_runtime_by_default():

@@ -18,10 +18,11 @@ from eva_utils.sweeps import plan
 from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = {"train_size": 6, "test_size": 3, "batch_size": 6, "max_batches": 1, "device": "cpu"}
+TINY = {"train_size": 6, "test_size": 3, "batch_size": 6, "max_batches": 1, "device": "cpu",
+        "arch": "tiny"}  # fmt: skip
 TINY_FLAGS = [
     "--train-size", "6", "--test-size", "3", "--batch-size", "6", "--max-batches", "1",
-    "--device", "cpu", "--quiet",
+    "--device", "cpu", "--quiet", "--arch", "tiny",
 ]  # fmt: skip
 
 

@@ -25,9 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DIST_TIMEOUT = "30"  # seconds a rank waits in a collective for a peer
 ACCEPTANCE = (
     "--device", "cpu", "--data", "synthetic", "--train-size", "128", "--test-size", "64",
-    "--batch-size", "32", "--epochs", "2", "--dropout", "0", "--precision", "fp32", "--quiet",
+    "--batch-size", "32", "--epochs", "2", "--dropout", "0", "--precision", "fp32",
+    "--arch", "tiny", "--quiet",
 )  # fmt: skip
 KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
+KILLED_EPOCHS = 20
 
 
 def torchrun(*args: str, cwd: Path, nproc: int = 2, **options) -> subprocess.Popen:
@@ -75,23 +77,31 @@ def runs(tmp_path_factory) -> tuple[dict[str, Path], subprocess.CompletedProcess
 
 def test_two_ranks_with_batchnorm_train_what_one_process_with_two_ghost_batches_trains(runs):
     """The same numbers up to float32 summation order: the two ranks' gradients are summed in
-    another order than one process's, and an epoch of SGD amplifies any rounding difference (an
-    activation within rounding of a ReLU's kink passes its gradient in one run, not in the
-    other). So the bound is measured here, on this CPU: the ranks may differ from the one
-    process by at most 3 times what changing only the convolution kernels (NCHW for
-    channels_last: the same arithmetic, summed in another order) moves the one process by,
-    plus one test image for the accuracy."""
+    another order than one process's, and SGD amplifies any rounding difference (an activation
+    within rounding of a ReLU's kink passes its gradient in one run, not in the other). So the
+    bound is measured here, on this CPU, by changing only the convolution kernels (NCHW for
+    channels_last: the same arithmetic, summed in another order): the ranks' losses may differ
+    from the one process's by 3 times the largest relative change that makes to a loss of the
+    history, their accuracies by as many images more than it, their weights by 3 times its
+    distance. (One number alone is no measure: with the small network a kernel change can leave
+    a loss that barely moved within 1e-6, where the ranks' summation moved it 3e-5.) Measured
+    on a Xeon with AVX512-BF16, and on it with AVX2 kernels (ATEN_CPU_CAPABILITY=avx2
+    ONEDNN_MAX_CPU_ISA=AVX2), seeds 0-3: the ranks moved the losses by at most 1.36 times the
+    kernels' largest change (seed 1, the default; 0.07-0.81 at the others), the weights by at
+    most 0.78 times their distance, each accuracy by at most one training image."""
     folders, _ = runs
     ranks, ghost, order = (history(folders[name]) for name in ("ranks", "ghost", "ghost-nchw"))
     assert len(ranks) == len(ghost) == 2
+    losses = ("train_loss", "test_loss")
+    spread = max(abs(o[key] - g[key]) / abs(g[key]) for o, g in zip(order, ghost) for key in losses)
     for r, g, o in zip(ranks, ghost, order):
         assert r["lr"] == g["lr"]
-        for key in ("train_loss", "test_loss"):
-            assert abs(r[key] - g[key]) <= 3 * abs(o[key] - g[key]) + 1e-6 * abs(g[key]), key
+        for key in losses:
+            assert abs(r[key] - g[key]) <= (3 * spread + 1e-6) * abs(g[key]), key
         for key, images in (("train_acc", 128), ("test_acc", 64)):
             assert abs(r[key] - g[key]) <= 3 * abs(o[key] - g[key]) + 1 / images, key
-    spread = (weights(folders["ghost-nchw"]) - weights(folders["ghost"])).norm()
-    assert (weights(folders["ranks"]) - weights(folders["ghost"])).norm() <= 3 * spread
+    distance = (weights(folders["ghost-nchw"]) - weights(folders["ghost"])).norm()
+    assert (weights(folders["ranks"]) - weights(folders["ghost"])).norm() <= 3 * distance
 
 
 def test_one_step_on_two_ranks_equals_the_ghost_batch_step_to_float32_rounding(tmp_path):
@@ -173,11 +183,12 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process in /proc")
 def test_a_killed_rank_ends_the_job_and_a_resume_repeats_the_unbroken_history(tmp_path, runs):
     folders, _ = runs
-    # The acceptance recipe on half its images (two batches an epoch), for 3 epochs.
-    sizes = {"--train-size": "64", "--test-size": "32", "--epochs": "3"}
-    three = [sizes.get(before, now) for before, now in zip(("", *ACCEPTANCE), ACCEPTANCE)]
-    unbroken = torchrun("train", *three, "--norm", "bn", "--out", "unbroken", cwd=tmp_path)
-    victim = torchrun("train", *three, "--norm", "bn", "--out", "run", cwd=tmp_path)
+    # The acceptance recipe on half its images (two batches an epoch of about 0.1-0.3 s with
+    # the small network), for enough epochs that the job still trains when the kill lands.
+    sizes = {"--train-size": "64", "--test-size": "32", "--epochs": str(KILLED_EPOCHS)}
+    recipe = [sizes.get(before, now) for before, now in zip(("", *ACCEPTANCE), ACCEPTANCE)]
+    unbroken = torchrun("train", *recipe, "--norm", "bn", "--out", "unbroken", cwd=tmp_path)
+    victim = torchrun("train", *recipe, "--norm", "bn", "--out", "run", cwd=tmp_path)
     metrics = tmp_path / "run" / runfolder.METRICS
     for _ in range(1200):  # until epoch 1 is saved
         if metrics.exists() and len(json.loads(metrics.read_text())["history"]) >= 1:
@@ -191,7 +202,8 @@ def test_a_killed_rank_ends_the_job_and_a_resume_repeats_the_unbroken_history(tm
     saved = [row["epoch"] for row in runfolder.load_checkpoint(tmp_path / "run" / "last.pt")[
         "history"
     ]]  # fmt: skip
-    assert saved in ([1], [1, 2]), saved  # the last complete epoch(s), nothing half-written
+    # the last complete epochs, nothing half-written, and the job did not end on its own
+    assert saved == list(range(1, len(saved) + 1)) and len(saved) < KILLED_EPOCHS, saved
 
     code, _, err = finish(torchrun("train", "--resume", "run", "--quiet", cwd=tmp_path))
     assert code == 0, err
@@ -207,7 +219,7 @@ def test_a_sharded_plan_is_the_whole_plan_once():
 
 SWEEP = [
     "sweep", "--data", "synthetic", "--train-size", "16", "--test-size", "8", "--batch-size",
-    "8", "--max-batches", "1", "--epochs", "1", "--device", "cpu", "--quiet",
+    "8", "--max-batches", "1", "--epochs", "1", "--device", "cpu", "--quiet", "--arch", "tiny",
     "--grid", "dropout=0,0.1", "--seeds", "1,2",
 ]  # fmt: skip
 
@@ -262,9 +274,9 @@ def test_parallel_runs_are_placed_on_the_visible_gpus_one_each(tmp_path, monkeyp
 def test_sigterm_stops_every_rank_after_a_consistent_checkpoint(tmp_path):
     """A job scheduler's SIGTERM reaches torchrun, which passes it to every rank: the main
     process says once what the run folder holds, which is whole epochs, and the lock is free."""
-    three = [*ACCEPTANCE[:-1], "--quiet"]
-    three[three.index("--epochs") + 1] = "3"
-    job = torchrun("train", *three, "--norm", "bn", "--out", "run", cwd=tmp_path)
+    many = [*ACCEPTANCE[:-1], "--quiet"]
+    many[many.index("--epochs") + 1] = "50"  # still training when the signal comes
+    job = torchrun("train", *many, "--norm", "bn", "--out", "run", cwd=tmp_path)
     metrics = tmp_path / "run" / runfolder.METRICS
     for _ in range(1200):
         if metrics.exists():

@@ -14,7 +14,10 @@ from eva_utils.precision import choose_precision
 from .conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = dict(data="synthetic", train_size=64, test_size=32, batch_size=8, epochs=1, device="cpu")
+SMALL = dict(
+    data="synthetic", train_size=64, test_size=32, batch_size=8, epochs=1, device="cpu",
+    arch="tiny",
+)  # fmt: skip
 
 
 def test_train_says_device_and_number_format_before_the_first_epoch(tmp_path):

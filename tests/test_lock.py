@@ -27,9 +27,10 @@ from .conftest import cli_env, fake_checkpoint, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = Config(data="synthetic", train_size=32, test_size=16, batch_size=16, epochs=1,
-              device="cpu", num_workers=0)  # fmt: skip
+              device="cpu", num_workers=0, arch="tiny")  # fmt: skip
 TRAIN = ("train", "--data", "synthetic", "--train-size", "32", "--test-size", "16",
-         "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--quiet")  # fmt: skip
+         "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--quiet",
+         "--arch", "tiny")  # fmt: skip
 # Opens a run folder (locking it), says so, then holds it until its stdin closes or it is killed.
 HOLD = """
 import sys

@@ -14,7 +14,7 @@ from torch import nn
 
 from eva_utils import GhostBatchNorm2d, count_parameters, resnet18, resnet34, summary
 from eva_utils.config import get_preset
-from eva_utils.model import build_model
+from eva_utils.model import build_model, resnet_tiny
 
 ASSIGNMENT_TABLE = (Path(__file__).parent / "data" / "assignment_summary.txt").read_text()
 
@@ -27,6 +27,26 @@ def test_resnet18_has_the_pytorch_cifar_parameter_count(norm):
 
 def test_resnet34_has_the_pytorch_cifar_parameter_count():
     assert count_parameters(resnet34()) == 21_282_122
+
+
+def test_the_small_network_of_the_mechanics_tests_has_resnet18s_layers_at_a_34th_of_the_work():
+    """resnet_tiny (config arch "tiny"): one BasicBlock a stage, 16 to 128 channels, with the
+    norm layer and dropout it is given, as ResNet18 has them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(get_preset("session8").replace(arch="tiny"))
+    assert count_parameters(model) == count_parameters(resnet_tiny()) == 308_826
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, GhostBatchNorm2d) and m.num_splits == 2 for m in norms)
+    assert sum(isinstance(m, nn.Dropout) and m.p == 0.1 for m in model.modules()) == 4
+    work = []
+    for network in (resnet_tiny(), resnet18()):
+        with FlopCounterMode(display=False) as counter:
+            network(torch.zeros(1, 3, 32, 32))
+        work.append(counter.get_total_flops())
+    assert 30 < work[1] / work[0] < 40
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_torchsummary_prints_the_assignment_table_byte_for_byte(capsys):

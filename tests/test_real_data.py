@@ -22,7 +22,9 @@ FP32_SEED_RANGE = {"acc": 0.364 - 0.250, "loss": 1.846 - 1.761}
 
 
 def test_resnet18_learns_real_cifar10_well_above_chance(real_cifar10):
-    """800 training images, 5 short epochs: measured 30.2% on 400 test images (chance: 10%)."""
+    """800 training images, 5 short epochs, in the precision this CPU trains in: measured on
+    400 test images (chance: 10%) 30.2% in fp32 on an AMD EPYC (AVX2), 26.25% in bf16 on a
+    Xeon with AVX512-BF16 (10.3, 18.3, 14.8, 25.8 and 26.3% after each epoch)."""
     train, test = real_cifar10
     data = (balanced_subset(train, 800, seed=0), balanced_subset(test, 400, seed=0))
     config = Config(norm="bn", dropout=0.0, batch_size=32, lr=0.1, schedule="onecycle",

@@ -26,7 +26,7 @@ EPOCHS = 2
 # 8 training steps of 4 images per epoch: long enough to land a signal inside an epoch.
 CLI_TINY = [
     "--data", "synthetic", "--train-size", "32", "--test-size", "10", "--batch-size", "4",
-    "--device", "cpu", "--quiet", "--epochs", str(EPOCHS),
+    "--device", "cpu", "--quiet", "--epochs", str(EPOCHS), "--arch", "tiny",
 ]  # fmt: skip
 TIMEOUT = 240  # seconds for any one process: generous, for a loaded machine
 
@@ -132,7 +132,7 @@ def test_sigterm_exits_130_says_how_to_resume_and_resume_completes(tmp_path):
 
 TINY = get_preset("session8").replace(
     data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=1, device="cpu",
-    epochs=2,
+    epochs=2, arch="tiny",
 )  # fmt: skip
 
 
@@ -259,7 +259,7 @@ def write_metrics(path, config, history, environment):
 runfolder.save_checkpoint, runfolder.write_metrics = save_checkpoint, write_metrics
 config = get_preset("session8").replace(
     data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=1, device="cpu",
-    epochs=2,
+    epochs=2, arch="tiny",
 )
 sweeps.sweep(config, {"dropout": [0.0]}, [1], out=sys.argv[1], progress=False)
 """
@@ -311,6 +311,7 @@ import sys
 from eva_utils import get_preset, sweeps
 config = get_preset("session8").replace(
     data="synthetic", train_size=32, test_size=10, batch_size=4, device="cpu", epochs=500,
+    arch="tiny",
 )
 sweeps.sweep(config, {"dropout": [0.0, 0.1]}, [1], out=sys.argv[1], parallel=2, progress=False)
 """

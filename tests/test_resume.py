@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EPOCHS, STOP_AFTER = 3, 1
 TINY = dict(
     data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=2, device="cpu",
-    epochs=EPOCHS,
+    epochs=EPOCHS, arch="tiny",
 )  # fmt: skip
 CASES = {
     # step_size 2: the resumed part crosses the StepLR drop at epoch 3
@@ -40,7 +40,7 @@ CASES = {
 }
 CLI_TINY = [
     "--data", "synthetic", "--train-size", "16", "--test-size", "10", "--batch-size", "8",
-    "--max-batches", "2", "--device", "cpu", "--quiet",
+    "--max-batches", "2", "--device", "cpu", "--quiet", "--arch", "tiny",
 ]  # fmt: skip
 
 
@@ -118,7 +118,7 @@ def test_resuming_a_finished_run_trains_nothing_and_returns_its_history(uninterr
         # the library names fields (the CLI, flags: --seed 1 -> 2)
         (dict(seed=2), r"\(seed 1 -> 2"),
         (dict(momentum=0.5, weight_decay=0.0), r"\(momentum 0.9 -> 0.5, weight_decay"),
-        (dict(arch="resnet34"), r"\(arch resnet18 -> resnet34"),
+        (dict(arch="resnet34"), r"\(arch tiny -> resnet34"),
         (dict(schedule="onecycle"), r"\(schedule step -> onecycle"),
     ],
 )

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE = get_preset("session8").replace(
     data="synthetic", train_size=16, test_size=10, batch_size=8, max_batches=1, device="cpu",
-    epochs=1,
+    epochs=1, arch="tiny",
 )  # fmt: skip
 # A valid other value for every field that changes what a run computes.
 OTHER_VALUES = {

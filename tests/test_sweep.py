@@ -25,10 +25,10 @@ from .test_bad_input import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"data": "synthetic", "train_size": 16, "test_size": 8, "batch_size": 8, "max_batches": 1,
-        "epochs": 2, "device": "cpu"}  # fmt: skip
+        "epochs": 2, "device": "cpu", "arch": "tiny"}  # fmt: skip
 TINY_FLAGS = [
     "--data", "synthetic", "--train-size", "16", "--test-size", "8", "--batch-size", "8",
-    "--max-batches", "1", "--epochs", "1", "--device", "cpu", "--quiet",
+    "--max-batches", "1", "--epochs", "1", "--device", "cpu", "--quiet", "--arch", "tiny",
 ]  # fmt: skip
 
 

@@ -170,7 +170,7 @@ def test_fast_preset_trains_end_to_end_from_the_command_line(tmp_path):
     command = [
         sys.executable, "-m", "eva_utils", "train", "--preset", "fast", "--data", "synthetic",
         "--train-size", "128", "--test-size", "64", "--epochs", "2", "--batch-size", "64",
-        "--out", str(out), "--quiet",
+        "--arch", "tiny", "--out", str(out), "--quiet",
     ]  # fmt: skip
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr

@@ -231,7 +231,7 @@ def test_fp16_autocast_really_computes_in_fp16_on_the_cpu():
 
 RESUMABLE = Config(
     data="synthetic", train_size=16, test_size=8, batch_size=8, max_batches=1, device="cpu",
-    epochs=2,
+    epochs=2, arch="tiny",
 )  # fmt: skip
 
 

@@ -3,6 +3,9 @@ error; and the scratch that killed processes leave behind, cleaned up.
 
 - :func:`atomic_write` writes to a temporary name beside the target, flushes, and renames: a
   crash at any moment leaves the previous complete file, never a partial one.
+- :func:`open_in_folder` opens a file of a folder for writing without following a symbolic
+  link at its name: whatever a link there points to (a user's file, another folder) is never
+  read, truncated or written; the link itself is replaced by a file of the folder.
 - Scratch names (temporaries of :func:`atomic_write`, an archive being extracted) end in
   ``.<pid>.tmp``, so :func:`remove_dead_scratch` can tell a dead process's scratch from a live
   one's and never deletes what another process is still writing.
@@ -11,7 +14,9 @@ error; and the scratch that killed processes leave behind, cleaned up.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +26,7 @@ from typing import IO, Any
 
 from .errors import RunFileError, option
 
+log = logging.getLogger(__name__)
 SCRATCH_SUFFIX = ".tmp"
 NAME_MAX = 255  # bytes in one file or folder name: the limit of ext4, APFS, NTFS, tmpfs...
 
@@ -54,6 +60,22 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def open_in_folder(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags | O_CREAT, mode)`` for writing a file of ``path``'s folder, never
+    through a symbolic link at ``path``: a link there is removed (its target is not touched)
+    and a new file made in its place, with a note. Returns the file descriptor."""
+    no_follow = getattr(os, "O_NOFOLLOW", 0)  # Windows has none, and no symbolic links to fear
+    while True:
+        try:
+            return os.open(path, flags | os.O_CREAT | no_follow, mode)
+        except OSError as error:
+            if error.errno != errno.ELOOP or not os.path.islink(path):
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # the link, not what it points to
+        log.warning("%s was a symbolic link: replaced it by a file, leaving its target", path)
 
 
 def atomic_rename(source: Path, target: Path) -> None:

@@ -268,6 +268,8 @@ class RunFolder:
     state: dict[str, Any] | None = None
     _lock: int | None = field(default=None, repr=False)
     _created: bool = field(default=False, repr=False)
+    # The folder's (device, inode) when opened: a save checks it is still the same folder.
+    _identity: tuple[int, int] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, *, resume: bool = False) -> RunFolder:
@@ -285,6 +287,7 @@ class RunFolder:
         check_output_folder(path, option("resume" if resume else "out"))
         folder = cls(path, _created=not path.exists())
         path.mkdir(parents=True, exist_ok=True)
+        folder._identity = _identity(path)
         folder._lock = hold(path / LOCK)
         try:
             if not resume and holds_run(path):
@@ -317,8 +320,9 @@ class RunFolder:
             release(self.path / LOCK, self._lock)
             self._lock = None
         if self._created:
-            with contextlib.suppress(OSError):  # not empty: the run's files stay
-                self.path.rmdir()
+            with contextlib.suppress(OSError):  # not empty, or not ours now: it stays
+                if _identity(self.path) == self._identity:
+                    self.path.rmdir()
 
     def __enter__(self) -> RunFolder:
         return self
@@ -357,6 +361,7 @@ class RunFolder:
         Ctrl-C and SIGTERM wait until the writes are done.
         """
         history = state["history"]
+        self._check_still_there(history[-1]["epoch"])
         try:
             with signals_deferred():
                 if history[-1]["test_acc"] >= max(row["test_acc"] for row in history):
@@ -378,3 +383,27 @@ class RunFolder:
                 f"({error.strerror or error}){room}; {kept}: free space or make the folder "
                 f"writable, then {then}"
             ) from None
+
+    def _check_still_there(self, epoch: int) -> None:
+        """Refuse to save ``epoch`` into a folder that is no longer the one opened (removed,
+        replaced, or a Drive whose mount point stayed, empty): saving would make a new folder
+        in its place, on another disk, and the run would go on there unseen."""
+        if self._identity is None:
+            return
+        try:
+            now = _identity(self.path)
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise CheckpointError(
+                f"could not save epoch {epoch}: {self.path} is no longer the run folder this "
+                "run started in (it was removed or replaced, or the drive it was on was "
+                f"unmounted); nothing was written: bring the folder back (mount the drive "
+                f"again), then {resume_command(self.path)}"
+            )
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """Which folder ``path`` is: its device and inode."""
+    status = path.stat()
+    return status.st_dev, status.st_ino

@@ -27,7 +27,7 @@ import torch
 from .config import GRID_FIELDS, Config, field_flags, parse_field, recipe_name
 from .data import check_out_of_data
 from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged, option
-from .files import atomic_write_json, check_output_folder
+from .files import atomic_write_json, check_output_folder, open_in_folder
 from .plots import plot_sweep, save_figure
 from .progress import tqdm
 from .results import SWEEP_JSON, summarize_sweep
@@ -291,7 +291,8 @@ def _start(run: PlannedRun, gpu: str | None = None) -> subprocess.Popen:
     log = _log(run)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else None
-    with open(log, "a") as output:
+    # appended to (a resumed run's output follows its earlier one's), never through a link
+    with os.fdopen(open_in_folder(log, os.O_WRONLY | os.O_APPEND), "a") as output:
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True,
                                 preexec_fn=ends_with_this_process())  # fmt: skip

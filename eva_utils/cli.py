@@ -180,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .plots import save_history_figures
     from .results import summarize_history, target_reached
     from .runfolder import BEST, LAST, METRICS, recorded_device
-    from .training import fit, open_run_folder, start_ranks
+    from .training import fit, open_run_folder, run_settings, start_ranks
 
     if args.resume is not None:
         out = args.resume
@@ -191,9 +191,10 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--preset cannot change a resumed run: {out} continues with the settings in its "
                 "checkpoint (flags such as --epochs still apply)"
             )
-        ranks = start_ranks(args.device or recorded_device(out))
+        changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+        given = {"resume": str(out), **{k: v for k, v in changes.items() if v is not None}}
+        ranks = start_ranks(args.device or recorded_device(out), settings=given)
         with open_run_folder(ranks, out, resume=True) as folder:
-            changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
             config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
             done = folder.epochs_done
             if done >= config.epochs:
@@ -211,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         out, config = args.out, config_from_args(args)
         check_out_of_data(out, config.data)
-        ranks = start_ranks(config.device, config.batch_size)
+        ranks = start_ranks(config.device, config.batch_size, run_settings(config, out))
         # Before loading any data: refusing takes a second, not a data set's loading time.
         with open_run_folder(ranks, out, resume=False) as folder:
             history = fit(config, out=folder, progress=not args.quiet)
@@ -237,11 +238,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         parse_seeds,
         parse_shard,
         plan,
+        refuse_ranks,
         shard,
         train_planned,
         write_summary,
     )
 
+    refuse_ranks()
     if args.summarize is not None:
         if args.out is not None or args.grid or args.shard is not None:
             raise ConfigError(
@@ -441,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rank() -> int:
-    """This process's rank under torchrun (0 without it)."""
-    text = os.environ.get("RANK", "0")
-    return int(text) if text.isdigit() else 0
+    """This process's rank under torchrun: 0 without it, and where RANK is not a rank of
+    WORLD_SIZE (``RANK=1`` exported by hand): that process says why it stopped."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if rank.isdecimal() and world.isdecimal() and int(rank) < int(world):
+        return int(rank)
+    return 0

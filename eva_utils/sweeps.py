@@ -30,6 +30,7 @@ from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDi
 from .files import atomic_write_json, check_output_folder, open_in_folder
 from .plots import plot_sweep, save_figure
 from .progress import tqdm
+from .ranks import Ranks
 from .results import SWEEP_JSON, summarize_sweep
 from .runfolder import epochs_done, holds_run
 from .signals import ends_with_this_process
@@ -53,6 +54,17 @@ class PlannedRun:
     @property
     def complete(self) -> bool:
         return self.epochs_done >= self.config.epochs
+
+
+def refuse_ranks() -> None:
+    """Refuse a sweep started by torchrun on several processes: each would train the whole
+    plan, and its runs, started with the ranks' variables, would pair up across processes."""
+    if Ranks.from_environment().distributed:
+        raise ConfigError(
+            "a sweep starts its own processes (--parallel N), so torchrun cannot start it: run "
+            "python -m eva_utils sweep ... in one process (torchrun ... train trains one run "
+            "on several processes)"
+        )
 
 
 def check_grid_field(name: str) -> None:
@@ -334,6 +346,7 @@ def sweep(
     2], "dropout": [0.0, 0.1]}``) for each seed, into run folders under ``out``, and return the
     summary also written to ``out/sweep.json`` and drawn in ``out/sweep.png``. Calling it again
     continues: complete runs are skipped, interrupted ones resumed."""
+    refuse_ranks()
     runs = plan(config, grid, seeds, out)
     failed = train_planned(runs, parallel=parallel, progress=progress)
     try:

@@ -230,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from .results import SWEEP_JSON, sweep_table
+    from .results import SWEEP_JSON, SWEEP_PLAN, sweep_table
     from .sweeps import (
         SWEEP_PNG,
         failure,
@@ -238,6 +238,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         parse_seeds,
         parse_shard,
         plan,
+        record_plan,
         refuse_ranks,
         shard,
         train_planned,
@@ -265,6 +266,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
         out = args.out
         runs = plan(base, grid, seeds, out)
+        record_plan(runs, out)
         part = ""
         if args.shard is not None:
             index, parts = parse_shard(args.shard)
@@ -288,6 +290,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(sweep_table(summary))
     for skipped in summary["skipped"]:
         print(f"skipped {out / skipped['run']}: {skipped['why']}")
+    if summary["missing"]:
+        print(
+            f"missing {len(summary['missing'])} of the {len(summary['planned'])} planned runs "
+            f"(first: {out / summary['missing'][0]}), which hold no epoch yet: train them with "
+            "the sweep's command (every --shard of it)"
+        )
+    if summary["foreign"]:
+        print(
+            f"{len(summary['foreign'])} runs summarised are not in the plan recorded in "
+            f"{out / SWEEP_PLAN} (first: {out / summary['foreign'][0]}): runs of another grid "
+            "or sweep"
+        )
     print(f"wrote {out / SWEEP_JSON}, {out / SWEEP_PNG}")
     if failed:
         raise failure(failed, total)

@@ -111,6 +111,10 @@ def read_json(path: str | Path, missing: str) -> Any:
         raise RunFileError(f"cannot read {path} ({error.strerror}): is it a file?") from None
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
         raise RunFileError(f"{path} is not valid JSON ({error}): is it a complete file?") from None
+    except RecursionError:  # [[[[...]]]] deeper than Python's stack
+        raise RunFileError(
+            f"{path} nests its values too deeply to be read: it is not a file eva8 wrote"
+        ) from None
 
 
 def remove_dead_scratch(folder: Path, prefix: str = ".") -> list[Path]:

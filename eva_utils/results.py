@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 PROVENANCE = "provenance.json"
 SWEEP_JSON = "sweep.json"
+# The runs a sweep planned (every --shard's), as :func:`~eva_utils.sweeps.record_plan` writes
+# them: the summary says which are missing and which runs under the folder are not planned.
+SWEEP_PLAN = "sweep-plan.json"
 SWEEP_FORMAT = "eva8-sweep"
 STD_MEANING = (
     "sample standard deviation over the seeds (n-1 in the denominator); null for a cell with "
@@ -326,13 +329,19 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
     (mean and sample std over the seeds), the epoch the target was first reached, seconds per
     epoch, and the mean test accuracy curve. The content of a sweep's ``sweep.json``."""
     folder = Path(folder)
-    runs = [read_recorded_run(path.parent) for path in sorted(folder.glob(f"*/{METRICS}"))]
-    skipped = [
-        {"run": run.name, "why": f"its {METRICS} records no config (not a run of this sweep)"}
-        for run in runs
-        if "seed" not in run.config
-    ]
-    runs = [run for run in runs if "seed" in run.config]
+    runs, skipped = [], []
+    for path in sorted(folder.glob(f"*/{METRICS}")):
+        try:
+            run = read_recorded_run(path.parent)
+        except RunFileError as error:  # one damaged run must not hide the others
+            skipped.append({"run": path.parent.name, "why": str(error)})
+            continue
+        if "seed" not in run.config:
+            why = f"its {METRICS} records no config (not a run of this sweep)"
+            skipped.append({"run": run.name, "why": why})
+            continue
+        runs.append(run)
+    planned = _planned_runs(folder)
     if not runs:
         raise RunFileError(
             f"{folder} holds no runs (*/{METRICS}): train them with "
@@ -375,7 +384,23 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
         "hardware": sorted({run.hardware for run in runs}),
         "cells": summaries,
         "skipped": skipped,
+        "planned": planned,
+        # planned runs that hold no epoch yet (a --shard not trained), and runs not planned
+        "missing": [] if planned is None else sorted(set(planned) - {run.name for run in runs}),
+        "foreign": [] if planned is None else [run.name for run in runs if run.name not in planned],
     }
+
+
+def _planned_runs(folder: Path) -> list[str] | None:
+    """The run folders ``folder/sweep-plan.json`` names, or None where no plan was recorded."""
+    path = folder / SWEEP_PLAN
+    if not path.exists():
+        return None
+    plan = read_json(path, "")
+    runs = plan.get("runs") if isinstance(plan, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(name, str) for name in runs):
+        raise RunFileError(f"{path} holds no list of runs: delete it, then rerun the sweep")
+    return runs
 
 
 def _cell_summary(

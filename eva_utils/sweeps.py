@@ -31,12 +31,13 @@ from .files import atomic_write_json, check_output_folder, open_in_folder
 from .plots import plot_sweep, save_figure
 from .progress import tqdm
 from .ranks import Ranks
-from .results import SWEEP_JSON, summarize_sweep
+from .results import SWEEP_JSON, SWEEP_PLAN, summarize_sweep
 from .runfolder import epochs_done, holds_run
 from .signals import ends_with_this_process
 from .training import fit
 
 SWEEP_PNG = "sweep.png"
+PLAN_FORMAT = "eva8-sweep-plan"
 LOGS = "logs"  # the sweep folder's logs/<run>.log: the output of each run trained in a subprocess
 MAX_RUNS = 1000  # a sweep's cells x seeds: more is a typo (100^4), not a plan for one machine
 POLL_SECONDS = 0.5  # how often the parallel runs' progress and exits are looked at
@@ -171,6 +172,15 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
                 )
             runs.append(PlannedRun(run_config, folder, epochs_done(folder)))
     return runs
+
+
+def record_plan(runs: Sequence[PlannedRun], out: str | Path) -> None:
+    """Write ``out/sweep-plan.json``: the run folders of the whole plan (every shard's), so that
+    a summary can name the planned runs it lacks and the runs it holds that are not planned.
+    A sweep with a changed grid records its own plan in place of the last one."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    names = [run.folder.name for run in runs]
+    atomic_write_json({"format": PLAN_FORMAT, "runs": names}, Path(out) / SWEEP_PLAN)
 
 
 def _run_folder(out: Path, config: Config) -> Path:
@@ -348,6 +358,7 @@ def sweep(
     continues: complete runs are skipped, interrupted ones resumed."""
     refuse_ranks()
     runs = plan(config, grid, seeds, out)
+    record_plan(runs, out)
     failed = train_planned(runs, parallel=parallel, progress=progress)
     try:
         summary = write_summary(out)

@@ -177,8 +177,9 @@ def test_cuda_where_there_is_none(device, tmp_path, capsys):
         ('[{"epoch": 1}]', "is not an eva8 metrics.json"),
         ('{"history": [{"epoch": 1, "loss": 2.3}]}', "is not an eva8 metrics.json"),
         ('{"history": []}', "is not an eva8 metrics.json"),
+        ("[" * 100_000 + "]" * 100_000, "nests its values too deeply to be read"),
     ],
-    ids=["truncated", "binary", "keras-history", "list", "other-keys", "no-epochs"],
+    ids=["truncated", "binary", "keras-history", "list", "other-keys", "no-epochs", "nested"],
 )
 def test_plot_of_a_file_that_is_not_eva8_metrics(content, message, tmp_path, capsys):
     path = tmp_path / "metrics.json"

@@ -93,6 +93,12 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def printable(name: str) -> str:
+    """A file name as text that can be drawn and written anywhere: bytes that are not UTF-8
+    (which Python keeps as lone surrogates) shown as ``\\xff``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

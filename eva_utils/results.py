@@ -26,8 +26,8 @@ from .config import (
     recipe_name,
     upgrade_config_dict,
 )
-from .errors import ConfigError, RunFileError, spelled
-from .files import read_json
+from .errors import ConfigError, RunFileError, quoted, spelled
+from .files import printable, read_json
 from .plots import MAX_COMPARED, plot_comparison
 from .runfolder import METRICS, read_metrics
 
@@ -146,7 +146,7 @@ def read_recorded_run(folder: str | Path) -> RecordedRun:
             f"{folder} holds no {METRICS}: give a run folder written by "
             "python -m eva_utils train (runs/NAME) or results/NAME"
         )
-    return RecordedRun(folder.name, metrics, provenance, folder.resolve())
+    return RecordedRun(printable(folder.name), metrics, provenance, folder.resolve())
 
 
 def read_provenance(path: Path) -> dict[str, Any]:
@@ -317,7 +317,9 @@ def _named_apart(runs: Sequence[RecordedRun]) -> list[RecordedRun]:
                       if all(other[-n:] != parts[i][-n:] for other in others))  # fmt: skip
         return str(Path(*parts[i][-length:]))
 
-    return [replace(run, name=tail(i)) if run.folder else run for i, run in enumerate(runs)]
+    return [
+        replace(run, name=printable(tail(i))) if run.folder else run for i, run in enumerate(runs)
+    ]
 
 
 # --- sweeps: several seeds of each cell of a grid ----------------------------------------------
@@ -346,7 +348,8 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
         raise RunFileError(
             f"{folder} holds no runs (*/{METRICS}): train them with "
             + spelled(
-                f"python -m eva_utils sweep --out {folder} ...", f"sweep(..., out={str(folder)!r})"
+                f"python -m eva_utils sweep --out {quoted(folder)} ...",
+                f"sweep(..., out={str(folder)!r})",
             )
         )
     cells: dict[str, list[RecordedRun]] = {}

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from .config import RECIPE_FIELDS, Config, same_data
-from .errors import CheckpointError, RunFileError, option, resume_command, spelled, train_command
+from .errors import (
+    CheckpointError,
+    RunFileError,
+    option,
+    quoted,
+    resume_command,
+    spelled,
+    train_command,
+)
 from .files import (
     atomic_write,
     atomic_write_json,
@@ -293,7 +301,7 @@ class RunFolder:
             if not resume and holds_run(path):
                 raise CheckpointError(
                     f"{path} already holds a run: continue it with "
-                    f"{spelled(f'--resume {path}', 'resume=True')}, or choose another "
+                    f"{spelled(f'--resume {quoted(path)}', 'resume=True')}, or choose another "
                     f"{option('out')}"
                 )
             if resume:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from eva_utils import get_preset, runfolder
 from eva_utils.cli import main
-from eva_utils.errors import DataError
+from eva_utils.errors import DataError, command_line_words, resume_command, train_command
 
 from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
 
@@ -217,6 +218,19 @@ def test_train_into_a_folder_that_holds_a_run_refuses_and_says_resume(tmp_path, 
     assert_one_line_error(code, err, "already holds a run", f"--resume {tmp_path / 'run'}")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
     assert len(runfolder.load_checkpoint(last)["history"]) == 1
+
+
+def test_printed_commands_quote_a_folder_name_for_the_shell(tmp_path, capsys):
+    """A folder named ``x;touch PWNED``: the command a message prints, pasted into a shell,
+    passes the folder as one argument instead of running ``touch``."""
+    run = tmp_path / "x;touch PWNED"
+    fake_run(run)
+    code, err = eva8(capsys, "train", *SYNTHETIC, "--out", run)
+    line = assert_one_line_error(code, err, "already holds a run")
+    assert f"continue it with --resume {shlex.quote(str(run))}, or" in line
+    with command_line_words():
+        for command in (resume_command(run), train_command(run)):
+            assert shlex.split(command)[-1] == str(run), command
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])

@@ -317,6 +317,7 @@ def test_ranks_given_different_settings_stop_before_any_work_naming_rank_and_set
         "--train-size 128 on rank 0, 64 on rank 1",
         "--out run on rank 0, other on",
     ):
-        assert shown in said[0], said[0]  # fmt: skip
-    assert err.count("exitcode  : 2 ") == 2, err  # each rank refused; none died of a signal
+        assert shown in said[0], said[0]
+    # the first rank to stop refused (exit status 2); none aborted in a collective (SIGABRT)
+    assert "exitcode  : 2 " in err.split("Root Cause")[-1] and "SIGABRT" not in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()

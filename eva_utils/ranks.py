@@ -249,7 +249,8 @@ class Ranks:
         masks, and a resumed run draws the ones an unbroken run drew. A world of 1 keeps the
         single process's stream."""
         if self.distributed:
-            torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + self.rank)
+            # modulo 2**63: a seed near the top of its range must not overflow torch's int64
+            torch.manual_seed((seed * 1_000_003 + epoch * 1_009 + self.rank) % 2**63)
 
     def _collective(self, operation, *args, **kwargs):
         try:

@@ -306,7 +306,8 @@ class RunFolder:
                 )
             if resume:
                 folder.state = load_checkpoint(path / LAST)
-            remove_dead_scratch(path)  # the temporaries of writers that were killed
+            for name in (LAST, BEST, METRICS):  # the temporaries of writers that were killed;
+                remove_dead_scratch(path, prefix=f".{name}.")  # a user's own .x.tmp stays
         except BaseException:
             folder.close()
             raise

@@ -18,7 +18,14 @@ import torch
 
 from eva_utils import get_preset, runfolder
 from eva_utils.cli import main
-from eva_utils.errors import DataError, command_line_words, resume_command, train_command
+from eva_utils.config import Config
+from eva_utils.errors import (
+    ConfigError,
+    DataError,
+    command_line_words,
+    resume_command,
+    train_command,
+)
 
 from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
 
@@ -142,6 +149,11 @@ def test_truncated_tar_gz(tmp_path, capsys):
         (["--batch-size", "2", "--num-splits", "4"], "num_splits (4) is larger than batch_size"),
         (["--preset", "session9"], "unknown preset 'session9': choose one of session8, fast"),
         (["--arch", "resnet50"], "arch must be resnet18 or resnet34"),
+        (
+            ["--seed", str(2**64)],
+            f"seed must be a whole number from -2**63 to 2**63 - 1, got {2**64}",
+        ),
+        (["--seed", str(2**63)], "seed must be a whole number from -2**63 to 2**63 - 1"),
     ],
 )
 def test_impossible_settings(flags, message, tmp_path, capsys):
@@ -164,6 +176,19 @@ def test_cuda_where_there_is_none(device, tmp_path, capsys):
     code, err = eva8(capsys, "train", *SYNTHETIC, "--device", device, "--out", tmp_path / "r")
     assert_one_line_error(code, err, f"device '{device}' was asked for but CUDA is not available")
     assert not (tmp_path / "r").exists()
+
+
+def test_library_settings_given_as_text_or_paths_mean_what_they_say():
+    """A notebook's ``augment="crop"`` is the augmentation crop, not the letters c, r, o, p;
+    ``data=Path(...)`` is that path; ``data=123`` is refused naming what data may be."""
+    assert Config(augment="crop").augment == ("crop",)
+    assert Config(augment="flip,crop").augment == ("crop", "flip")
+    assert Config(data=Path("tiny.tar.gz")).data == "tiny.tar.gz"
+    with pytest.raises(ConfigError) as error:
+        Config(data=123)
+    assert str(error.value) == (
+        "data must be the path of a folder or .tar.gz (text), 'synthetic' or none, got 123"
+    )
 
 
 # --- plot ----------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from .errors import (
     RunFileError,
     command_line_words,
     epochs_held,
+    option,
 )
-from .files import check_output_folder
+from .files import check_output_file, check_output_folder
 from .signals import signals_deferred, sigterm_as_interrupt
 
 PROG = "eva8"
@@ -184,6 +185,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         out = args.resume
+        check_output_folder(out, option("resume"))  # first: a name too long fails any look
         if args.out is not None and args.out.resolve() != out.resolve():
             raise ConfigError("give --out (a new run) or --resume (an existing one), not both")
         if args.preset is not None:
@@ -252,6 +254,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                 "--summarize DIR trains nothing: give it without --out, --grid and --shard"
             )
         out = args.summarize
+        check_output_folder(out, option("summarize"))  # sweep.json and sweep.png are written there
         failed, total = [], 0
     else:
         if args.out is None:
@@ -397,7 +400,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from .results import compare
 
     png = args.out if args.out.suffix == ".png" else args.out / COMPARISON_PNG
-    check_output_folder(png.parent)
+    check_output_file(png)
     figure, table = compare(*args.runs)
     print(table)
     print(f"wrote {save_figure(figure, png)}")

@@ -29,6 +29,8 @@ from .errors import RunFileError, option
 log = logging.getLogger(__name__)
 SCRATCH_SUFFIX = ".tmp"
 NAME_MAX = 255  # bytes in one file or folder name: the limit of ext4, APFS, NTFS, tmpfs...
+# What atomic_write's scratch name adds to a file's: "." before, ".XXXXXXXX.<pid>.tmp" after.
+SCRATCH_ROOM = 32
 
 
 def scratch_suffix() -> str:
@@ -153,6 +155,20 @@ def process_exists(pid: int) -> bool:
     except PermissionError:  # alive, but another user's
         return True
     return True
+
+
+def check_output_file(path: str | Path, flag: str | None = None) -> None:
+    """:func:`check_output_folder` for the folder of the file ``path``, and that the file's
+    name leaves room for the scratch name :func:`atomic_write` writes it under."""
+    path = Path(path)
+    check_output_folder(path.parent, flag)
+    room = NAME_MAX - SCRATCH_ROOM
+    if len(os.fsencode(path.name)) > room:
+        raise RunFileError(
+            f"the file name {path.name[:24]}... is {len(os.fsencode(path.name))} bytes, more than "
+            f"the {room} that leave room for its temporary name: choose a shorter "
+            f"{flag or option('out')}"
+        )
 
 
 def check_output_folder(folder: str | Path, flag: str | None = None) -> None:

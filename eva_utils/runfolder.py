@@ -284,6 +284,8 @@ class RunFolder:
         """Lock ``path`` and check it for a new run (``resume=False``), or read it to resume
         one. Raises RunFileError, in one line, saying what to do instead."""
         path = Path(path)
+        # First: a name too long for the file system makes every look at the folder an OSError.
+        check_output_folder(path, option("resume" if resume else "out"))
         if (path / LAST).exists() and not holds_run(path):  # a folder: no save replaces it
             raise CheckpointError(
                 f"{path / LAST} is not a file: remove it, or choose another {option('out')}"
@@ -292,7 +294,6 @@ class RunFolder:
             raise CheckpointError(
                 f"{path} has no checkpoint ({LAST}) to resume: start a new run with {option('out')}"
             )
-        check_output_folder(path, option("resume" if resume else "out"))
         folder = cls(path, _created=not path.exists())
         path.mkdir(parents=True, exist_ok=True)
         folder._identity = _identity(path)

@@ -479,3 +479,30 @@ def test_an_out_folder_name_too_long_for_a_file_system_is_one_line(how, tmp_path
                 sweep(config, {"dropout": [0.0]}, out=out, progress=False)
         assert "\n" not in str(error.value)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["train", *SYNTHETIC, "--out", "{long}"], "--out"),
+        (["train", "--resume", "{long}"], "--resume"),
+        (["sweep", *SYNTHETIC, "--grid", "dropout=0", "--out", "{long}"], "--out"),
+        (["sweep", "--summarize", "{long}"], "--summarize"),
+        (["plot", "{metrics}", "--out", "{long}"], "--out"),
+        (["compare", "{run}", "--out", "{long}.png"], "--out"),
+        (["compare", "{run}", "--out", "{just_short_enough}.png"], "--out"),
+    ],
+    ids=["train", "resume", "sweep", "summarize", "plot", "compare", "compare-scratch"],
+)
+def test_an_out_name_too_long_under_an_existing_folder_is_one_line(command, flag, tmp_path, capsys):
+    """A name over 255 bytes (or a file name that leaves its temporary name no room) directly
+    under a folder that exists: one line naming the setting, not OSError [Errno 36]."""
+    (tmp_path / "metrics.json").write_text(json.dumps(good_metrics()))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(good_metrics()))
+    names = {"long": tmp_path / ("x" * 300), "just_short_enough": tmp_path / ("x" * 240),
+             "metrics": tmp_path / "metrics.json", "run": tmp_path / "run"}  # fmt: skip
+    before = sorted(path.name for path in tmp_path.iterdir())
+    code, err = eva8(capsys, *(part.format(**names) for part in command))
+    assert_one_line_error(code, err, "bytes, more than the", f"choose a shorter {flag}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == before

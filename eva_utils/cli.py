@@ -268,13 +268,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         base = config_from_args(args)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
         out = args.out
+        index, parts = parse_shard(args.shard) if args.shard is not None else (1, 1)
         runs = plan(base, grid, seeds, out)
-        record_plan(runs, out)
-        part = ""
-        if args.shard is not None:
-            index, parts = parse_shard(args.shard)
-            part = f" (part {index} of {parts} of a plan of {len(runs)})"
-            runs = shard(runs, index, parts)
+        record_plan(runs, out)  # the whole plan: every shard's runs
+        part = f" (part {index} of {parts} of a plan of {len(runs)})" if parts > 1 else ""
+        runs = shard(runs, index, parts)
         complete = sum(run.complete for run in runs)
         resumed = sum(0 < run.epochs_done < run.config.epochs for run in runs)
         print(

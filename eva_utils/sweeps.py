@@ -197,7 +197,7 @@ def _run_folder(out: Path, config: Config) -> Path:
 def parse_shard(text: str) -> tuple[int, int]:
     """``"2/4"`` as (2, 4): the second of four parts of a sweep's plan."""
     index, slash, parts = text.partition("/")
-    if slash and index.strip().isdigit() and parts.strip().isdigit():
+    if slash and index.strip().isdecimal() and parts.strip().isdecimal():  # "²".isdigit()
         index, parts = int(index), int(parts)
         if 1 <= index <= parts:
             return index, parts

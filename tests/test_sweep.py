@@ -157,6 +157,8 @@ BAD_INPUT = {
     "--seeds 1,,2": "--seeds must be a whole number, got ''",
     "--grid dropout=0 --dropout 0.1": "--dropout and --grid dropout",
     "--grid dropout=0,0.0": "--grid dropout=0,0.0: dropout 0.0 is given twice",
+    "--grid dropout=0 --shard ²/3": "--shard ²/3: give I/N with 1 <= I <= N",
+    "--grid dropout=0 --shard 3/2": "--shard 3/2: give I/N with 1 <= I <= N",
     "--grid augment=crop+flip,flip+crop": "the grid cells augment=crop+flip and augment=flip+crop "
     "are one recipe",
     "--preset fast --grid num_splits=1,2": "the grid cells num_splits=1 and num_splits=2 are one "

@@ -97,6 +97,11 @@ class CheckpointError(RunFileError):
     """A checkpoint (``last.pt``, ``best.pt``) that cannot be used."""
 
 
+class RecipeChanged(CheckpointError, ConfigError):
+    """A resume that would change the run's recipe: a setting refused (a ConfigError: every
+    rank of a run refuses it alike, and the main process says it once)."""
+
+
 class TrainingDiverged(EvaError):
     """The loss became NaN or infinite."""
 

@@ -24,6 +24,7 @@ import torch
 from .config import RECIPE_FIELDS, Config, same_data
 from .errors import (
     CheckpointError,
+    RecipeChanged,
     RunFileError,
     option,
     quoted,
@@ -214,7 +215,7 @@ def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
         if name in RECIPE_FIELDS and old != new and not (name == "data" and same_data(old, new))
     )
     if changed:
-        raise CheckpointError(
+        raise RecipeChanged(
             f"cannot resume {out} with another recipe ({changed}): a run keeps the recipe it "
             f"started with; drop those {spelled('flags', 'changes')}, or start a new run with "
             f"{option('out')}"

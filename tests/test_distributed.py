@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from eva_utils import runfolder
+from eva_utils.config import Config
 from eva_utils.sweeps import shard
 
-from .conftest import cli_env, run_cli
+from .conftest import cli_env, fake_checkpoint, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIST_TIMEOUT = "30"  # seconds a rank waits in a collective for a peer
@@ -321,3 +322,14 @@ def test_ranks_given_different_settings_stop_before_any_work_naming_rank_and_set
     # the first rank to stop refused (exit status 2); none aborted in a collective (SIGABRT)
     assert "exitcode  : 2 " in err.split("Root Cause")[-1] and "SIGABRT" not in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()
+
+
+def test_a_resume_with_another_recipe_is_refused_once_not_by_every_rank(tmp_path):
+    config = Config(data="synthetic", train_size=128, test_size=64, batch_size=32, epochs=2,
+                    device="cpu", norm="bn", precision="fp32")  # fmt: skip
+    fake_checkpoint(config, tmp_path / "run")
+    job = torchrun("train", "--resume", "run", "--lr", "0.5", "--quiet", cwd=tmp_path)
+    code, _, err = finish(job, timeout=120)
+    assert code != 0
+    said = [line for line in err.splitlines() if line.startswith("eva8")]
+    assert len(said) == 1 and "cannot resume run with another recipe (--lr" in said[0], err

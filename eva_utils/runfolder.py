@@ -126,7 +126,14 @@ def check_classes(path: str | Path, saved: Sequence[str], classes: Sequence[str]
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str) -> None:
     """Load a checkpoint's weights, with a one-line error if the architecture differs."""
-    expected, given = model.state_dict(), state["model"]
+    check_weights(model.state_dict(), state, path)
+    model.load_state_dict(state["model"])
+
+
+def check_weights(expected: dict[str, Any], state: dict[str, Any], path: Path | str) -> None:
+    """Refuse a checkpoint whose weights are not the tensors ``expected`` (a model's
+    ``state_dict()``: on the meta device, only their shapes) in one line."""
+    given = state["model"]
     unexpected = [name for name in given if name not in expected]
     missing = [name for name in expected if name not in given]
     reshaped = [
@@ -138,9 +145,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str
             f"{path} holds weights of another architecture than this model "
             f"({len(unexpected)} unexpected, {len(missing)} missing and {len(reshaped)} "
             f"differently shaped tensors, e.g. {first}); its config says "
-            f"{state['config'].get('arch')} with {len(state['classes'])} classes"
+            f"{state['config'].get('arch')} with {len(state['classes']):,} classes"
         )
-    model.load_state_dict(given)
 
 
 # --- metrics.json ------------------------------------------------------------------------------

@@ -450,6 +450,34 @@ def test_analyze_refuses_a_best_checkpoint_without_epoch_or_classes(key, tmp_pat
     assert_one_line_error(code, err, f"{best} has no {key}", "train the run again")
 
 
+def test_a_best_checkpoint_naming_far_more_classes_is_refused_without_building_them(
+    tmp_path, capsys, monkeypatch
+):
+    """A forged best.pt: CIFAR-10's weights and 200,000 class names (the issue's had 2,000,000:
+    a 4 GB layer). It is refused from the shapes alone (a model on the meta device), and no
+    layer for those classes is ever allocated."""
+    from eva_utils import analysis
+
+    fake_run(tmp_path / "run")
+    best = tmp_path / "run" / runfolder.BEST
+    state = torch.load(best, weights_only=True)
+    state["classes"] = [f"class{index}" for index in range(200_000)]
+    torch.save(state, best)
+    built = []
+
+    def build_model(config, num_classes):
+        model = real_build_model(config, num_classes)
+        built.append((next(model.parameters()).device.type, num_classes))
+        return model
+
+    real_build_model = analysis.build_model
+    monkeypatch.setattr(analysis, "build_model", build_model)
+    code, err = eva8(capsys, "analyze", tmp_path / "run", "--quiet")
+    assert built == [("meta", 200_000)]
+    line = assert_one_line_error(code, err, f"{best} holds weights of another architecture")
+    assert "e.g. linear.weight" in line and "200,000 classes" in line
+
+
 def test_analyze_refuses_data_whose_classes_are_not_the_checkpoints(tmp_path, capsys):
     fake_run(tmp_path / "run")  # synthetic data: CIFAR-10's ten classes
     other = write_image_folder(tmp_path / "other", per_class=8, classes=("ant", "bee", "cow"))

@@ -80,6 +80,20 @@ def open_in_folder(path: str | Path, flags: int, mode: int = 0o644) -> int:
         log.warning("%s was a symbolic link: replaced it by a file, leaving its target", path)
 
 
+def same_file(one: os.stat_result, other: os.stat_result) -> bool:
+    """Whether two ``os.stat`` results are of one file or folder (device and inode)."""
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
+
+
+def open_folder(path: str | Path) -> int | None:
+    """A descriptor of the folder ``path``, held to tell later whether ``path`` is still that
+    folder (:func:`same_file`; holding it keeps its inode number, even on FUSE mounts that
+    number folders as they are looked up). None where folders cannot be opened (Windows)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return None
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def atomic_rename(source: Path, target: Path) -> None:
     """Rename ``source`` (a finished scratch file or folder) to ``target`` in one step: readers
     see the old target or the new one, never a part. Raises OSError where ``target`` is a

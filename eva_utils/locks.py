@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import RunFileError, option
-from .files import open_in_folder
+from .files import open_in_folder, same_file
 
 log = logging.getLogger(__name__)
 # What flock raises on a file system that has no locks: training goes on unlocked, not at all.
@@ -62,7 +62,7 @@ def hold(path: Path) -> int | None:
         # Its last holder may have unlinked the file between our open and our lock: then we
         # hold a file nobody else will see, and must lock the one at the path instead.
         with contextlib.suppress(FileNotFoundError):
-            if _same_file(os.fstat(fd), os.stat(path, follow_symlinks=False)):
+            if same_file(os.fstat(fd), os.stat(path, follow_symlinks=False)):
                 break
         os.close(fd)
     previous = _holder(fd)
@@ -85,13 +85,9 @@ def release(path: Path, fd: int) -> None:
     """Let go of the lock file ``path`` that ``fd`` (from :func:`hold`) holds. Where ``path`` is
     no longer that file (the folder was removed, or replaced by another), nothing is removed."""
     with contextlib.suppress(OSError):
-        if _same_file(os.stat(path, follow_symlinks=False), os.fstat(fd)):
+        if same_file(os.stat(path, follow_symlinks=False), os.fstat(fd)):
             os.unlink(path)  # while still holding it: see hold
     os.close(fd)
-
-
-def _same_file(one: os.stat_result, other: os.stat_result) -> bool:
-    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
 
 
 def _holder(fd: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,8 +37,10 @@ from .files import (
     atomic_write,
     atomic_write_json,
     check_output_folder,
+    open_folder,
     read_json,
     remove_dead_scratch,
+    same_file,
 )
 from .locks import hold, release
 from .signals import signals_deferred
@@ -283,8 +286,8 @@ class RunFolder:
     state: dict[str, Any] | None = None
     _lock: int | None = field(default=None, repr=False)
     _created: bool = field(default=False, repr=False)
-    # The folder's (device, inode) when opened: a save checks it is still the same folder.
-    _identity: tuple[int, int] | None = field(default=None, repr=False)
+    # The folder as opened (a descriptor held open): a save checks the path is still it.
+    _anchor: int | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, *, resume: bool = False) -> RunFolder:
@@ -303,9 +306,9 @@ class RunFolder:
             )
         folder = cls(path, _created=not path.exists())
         path.mkdir(parents=True, exist_ok=True)
-        folder._identity = _identity(path)
         folder._lock = hold(path / LOCK)
         try:
+            folder._anchor = open_folder(path)
             if not resume and holds_run(path):
                 raise CheckpointError(
                     f"{path} already holds a run: continue it with "
@@ -338,8 +341,11 @@ class RunFolder:
             self._lock = None
         if self._created:
             with contextlib.suppress(OSError):  # not empty, or not ours now: it stays
-                if _identity(self.path) == self._identity:
+                if self._still_there():
                     self.path.rmdir()
+        if self._anchor is not None:
+            os.close(self._anchor)
+            self._anchor = None
 
     def __enter__(self) -> RunFolder:
         return self
@@ -405,13 +411,7 @@ class RunFolder:
         """Refuse to save ``epoch`` into a folder that is no longer the one opened (removed,
         replaced, or a Drive whose mount point stayed, empty): saving would make a new folder
         in its place, on another disk, and the run would go on there unseen."""
-        if self._identity is None:
-            return
-        try:
-            now = _identity(self.path)
-        except OSError:
-            now = None
-        if now != self._identity:
+        if self._anchor is not None and not self._still_there():
             raise CheckpointError(
                 f"could not save epoch {epoch}: {self.path} is no longer the run folder this "
                 "run started in (it was removed or replaced, or the drive it was on was "
@@ -419,8 +419,11 @@ class RunFolder:
                 f"again), then {resume_command(self.path)}"
             )
 
-
-def _identity(path: Path) -> tuple[int, int]:
-    """Which folder ``path`` is: its device and inode."""
-    status = path.stat()
-    return status.st_dev, status.st_ino
+    def _still_there(self) -> bool:
+        """Whether the path is still the folder opened (True where that cannot be told)."""
+        if self._anchor is None:
+            return True
+        try:
+            return same_file(os.fstat(self._anchor), os.stat(self.path))
+        except OSError:  # gone, or a parent replaced by a file
+            return False

@@ -176,7 +176,15 @@ def _replace_by_a_file(run: Path, mount: Path) -> None:
     run.write_text("not a folder")
 
 
-@pytest.mark.parametrize("vanish", [_unmount, _replace_by_a_file], ids=["unmounted", "file"])
+def _replace_by_another_folder(run: Path, mount: Path) -> None:
+    run.rename(run.with_name("moved"))
+    run.mkdir()
+
+
+@pytest.mark.parametrize(
+    "vanish", [_unmount, _replace_by_a_file, _replace_by_another_folder],
+    ids=["unmounted", "file", "another-folder"],
+)  # fmt: skip
 def test_a_run_folder_that_vanishes_mid_run_is_a_one_line_save_error(tmp_path, vanish):
     """After epoch 1 the run folder goes (the Drive unmounted; the folder replaced by a file):
     saving epoch 2 is one line saying so, and no folder is made again in its place."""
@@ -193,5 +201,8 @@ def test_a_run_folder_that_vanishes_mid_run_is_a_one_line_save_error(tmp_path, v
     assert message.startswith(f"could not save epoch 2: {run} is no longer the run folder")
     if vanish is _unmount:
         assert list(mount.iterdir()) == []  # nothing written onto the runtime's own disk
-    else:
+    elif vanish is _replace_by_a_file:
         assert run.read_text() == "not a folder"
+    else:
+        assert list(run.iterdir()) == []  # the new folder is not written into, nor removed
+        assert len(json.loads((run.with_name("moved") / METRICS).read_text())["history"]) == 1

@@ -23,7 +23,6 @@ from .errors import (
     RunFileError,
     command_line_words,
     epochs_held,
-    option,
 )
 from .files import check_output_file, check_output_folder
 from .signals import signals_deferred, sigterm_as_interrupt
@@ -185,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         out = args.resume
-        check_output_folder(out, option("resume"))  # first: a name too long fails any look
+        check_output_folder(out, "--resume")  # first: a name too long fails any look
         if args.out is not None and args.out.resolve() != out.resolve():
             raise ConfigError("give --out (a new run) or --resume (an existing one), not both")
         if args.preset is not None:
@@ -193,11 +192,12 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--preset cannot change a resumed run: {out} continues with the settings in its "
                 "checkpoint (flags such as --epochs still apply)"
             )
-        changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-        given = {"resume": str(out), **{k: v for k, v in changes.items() if v is not None}}
-        ranks = start_ranks(args.device or recorded_device(out), settings=given)
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+        changes = {name: value for name, value in given.items() if value is not None}
+        settings = {"resume": str(out), **changes}  # what every rank must have been given
+        ranks = start_ranks(args.device or recorded_device(out), None, settings)
         with open_run_folder(ranks, out, resume=True) as folder:
-            config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
+            config = folder.resumed_config(**changes)
             done = folder.epochs_done
             if done >= config.epochs:
                 if not ranks.is_main:
@@ -232,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from .results import SWEEP_JSON, SWEEP_PLAN, sweep_table
+    from .results import SWEEP_JSON, sweep_table
     from .sweeps import (
         SWEEP_PNG,
         failure,
@@ -241,20 +241,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         parse_shard,
         plan,
         record_plan,
-        refuse_ranks,
         shard,
+        summary_notes,
         train_planned,
         write_summary,
     )
 
-    refuse_ranks()
     if args.summarize is not None:
         if args.out is not None or args.grid or args.shard is not None:
             raise ConfigError(
                 "--summarize DIR trains nothing: give it without --out, --grid and --shard"
             )
         out = args.summarize
-        check_output_folder(out, option("summarize"))  # sweep.json and sweep.png are written there
         failed, total = [], 0
     else:
         if args.out is None:
@@ -289,20 +287,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             raise failure(failed, total, summarised=False) from None
         raise
     print(sweep_table(summary))
-    for skipped in summary["skipped"]:
-        print(f"skipped {out / skipped['run']}: {skipped['why']}")
-    if summary["missing"]:
-        print(
-            f"missing {len(summary['missing'])} of the {len(summary['planned'])} planned runs "
-            f"(first: {out / summary['missing'][0]}), which hold no epoch yet: train them with "
-            "the sweep's command (every --shard of it)"
-        )
-    if summary["foreign"]:
-        print(
-            f"{len(summary['foreign'])} runs summarised are not in the plan recorded in "
-            f"{out / SWEEP_PLAN} (first: {out / summary['foreign'][0]}): runs of another grid "
-            "or sweep"
-        )
+    for line in summary_notes(summary, out):
+        print(line)
     print(f"wrote {out / SWEEP_JSON}, {out / SWEEP_PNG}")
     if failed:
         raise failure(failed, total)
@@ -343,9 +329,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     device = select_device(args.device)
     out = args.out if args.out is not None else args.run
-    check_output_folder(
-        out
-    )  # creates nothing: a missing run folder is load_trained_model's to report
+    # creates nothing: a missing run folder is load_trained_model's to report
+    check_output_folder(out)
     run = load_trained_model(args.run)
     test_set = load_test_set(run, args.data)
     report = analyze(
@@ -462,6 +447,4 @@ def _rank() -> int:
     """This process's rank under torchrun: 0 without it, and where RANK is not a rank of
     WORLD_SIZE (``RANK=1`` exported by hand): that process says why it stopped."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    if rank.isdecimal() and world.isdecimal() and int(rank) < int(world):
-        return int(rank)
-    return 0
+    return int(rank) if rank.isdecimal() and world.isdecimal() and int(rank) < int(world) else 0

@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 
 PROVENANCE = "provenance.json"
 SWEEP_JSON = "sweep.json"
-# The runs a sweep planned (every --shard's), as :func:`~eva_utils.sweeps.record_plan` writes
-# them: the summary says which are missing and which runs under the folder are not planned.
-SWEEP_PLAN = "sweep-plan.json"
 SWEEP_FORMAT = "eva8-sweep"
 STD_MEANING = (
     "sample standard deviation over the seeds (n-1 in the denominator); null for a cell with "
@@ -315,11 +312,9 @@ def _named_apart(runs: Sequence[RecordedRun]) -> list[RecordedRun]:
         others = [other for j, other in enumerate(parts) if j != i]
         length = next(n for n in range(1, len(parts[i]) + 1)
                       if all(other[-n:] != parts[i][-n:] for other in others))  # fmt: skip
-        return str(Path(*parts[i][-length:]))
+        return printable(str(Path(*parts[i][-length:])))
 
-    return [
-        replace(run, name=printable(tail(i))) if run.folder else run for i, run in enumerate(runs)
-    ]
+    return [replace(run, name=tail(i)) if run.folder else run for i, run in enumerate(runs)]
 
 
 # --- sweeps: several seeds of each cell of a grid ----------------------------------------------
@@ -338,20 +333,15 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
         except RunFileError as error:  # one damaged run must not hide the others
             skipped.append({"run": path.parent.name, "why": str(error)})
             continue
-        if "seed" not in run.config:
-            why = f"its {METRICS} records no config (not a run of this sweep)"
-            skipped.append({"run": run.name, "why": why})
-            continue
-        runs.append(run)
-    planned = _planned_runs(folder)
+        if "seed" in run.config:
+            runs.append(run)
+        else:
+            skipped.append({"run": run.name, "why": f"its {METRICS} records no config (not a "
+                                                    "run of this sweep)"})  # fmt: skip
     if not runs:
-        raise RunFileError(
-            f"{folder} holds no runs (*/{METRICS}): train them with "
-            + spelled(
-                f"python -m eva_utils sweep --out {quoted(folder)} ...",
-                f"sweep(..., out={str(folder)!r})",
-            )
-        )
+        again = spelled(f"python -m eva_utils sweep --out {quoted(folder)} ...",
+                        f"sweep(..., out={str(folder)!r})")  # fmt: skip
+        raise RunFileError(f"{folder} holds no runs (*/{METRICS}): train them with {again}")
     cells: dict[str, list[RecordedRun]] = {}
     for run in runs:  # a cell's name: the recipe's folder name with the seed left out
         cell = recipe_name(Config.from_dict(run.config).replace(seed=0)).rsplit("-", 1)[1]
@@ -387,23 +377,7 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
         "hardware": sorted({run.hardware for run in runs}),
         "cells": summaries,
         "skipped": skipped,
-        "planned": planned,
-        # planned runs that hold no epoch yet (a --shard not trained), and runs not planned
-        "missing": [] if planned is None else sorted(set(planned) - {run.name for run in runs}),
-        "foreign": [] if planned is None else [run.name for run in runs if run.name not in planned],
     }
-
-
-def _planned_runs(folder: Path) -> list[str] | None:
-    """The run folders ``folder/sweep-plan.json`` names, or None where no plan was recorded."""
-    path = folder / SWEEP_PLAN
-    if not path.exists():
-        return None
-    plan = read_json(path, "")
-    runs = plan.get("runs") if isinstance(plan, dict) else None
-    if not isinstance(runs, list) or not all(isinstance(name, str) for name in runs):
-        raise RunFileError(f"{path} holds no list of runs: delete it, then rerun the sweep")
-    return runs
 
 
 def _cell_summary(

@@ -15,15 +15,9 @@ from eva_utils import get_preset, sweeps
 from eva_utils.cli import build_parser, config_from_args, main
 from eva_utils.config import Config, field_flags
 from eva_utils.errors import ConfigError
-from eva_utils.results import (
-    PROVENANCE,
-    SWEEP_JSON,
-    SWEEP_PLAN,
-    recorded_runs,
-    summarize_sweep,
-)
+from eva_utils.results import PROVENANCE, SWEEP_JSON, recorded_runs, summarize_sweep
 from eva_utils.runfolder import LAST, METRICS, read_metrics, write_metrics
-from eva_utils.sweeps import SWEEP_PNG, plan, record_plan, shard, sweep
+from eva_utils.sweeps import SWEEP_PLAN, SWEEP_PNG, plan, record_plan, shard, sweep
 from tools.readme import ablation_section
 
 from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder

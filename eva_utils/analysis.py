@@ -22,14 +22,21 @@ from torch import Tensor, nn
 
 from .config import Config
 from .data import ImageSet, load_datasets
-from .errors import DataError, RunFileError, data_hint, option, train_command
+from .errors import CheckpointError, DataError, RunFileError, data_hint, option, train_command
 from .files import atomic_write_text, read_json
 from .loaders import DeviceLoader
 from .model import build_model
 from .plots import plot_confusion_matrix, plot_erf, plot_misclassified, plot_per_class_accuracy
 from .progress import batch_bar
 from .receptive_fields import RFRow, effective_receptive_field, layer_field
-from .runfolder import BEST, BEST_KEYS, check_classes, load_checkpoint, load_weights
+from .runfolder import (
+    BEST,
+    BEST_KEYS,
+    check_classes,
+    check_weights,
+    load_checkpoint,
+    load_weights,
+)
 
 BATCH_SIZE = 500  # evaluation batch: no gradients, so larger than a training batch
 ERF_IMAGES = 128  # images averaged for each effective receptive field
@@ -188,7 +195,12 @@ def load_trained_model(folder: str | Path) -> TrainedModel:
     path = folder / BEST
     state = load_checkpoint(path, needs=BEST_KEYS)
     config = Config.from_dict(state["config"])
-    model = build_model(config, len(state["classes"]))
+    classes = state["classes"]
+    if not isinstance(classes, list | tuple) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: its classes are not a list of names; train the run again")
+    with torch.device("meta"):  # shapes only: a forged list of classes allocates nothing
+        check_weights(build_model(config, len(classes)).state_dict(), state, path)
+    model = build_model(config, len(classes))
     load_weights(model, state, path)
     return TrainedModel(
         folder, config, tuple(state["classes"]), model.eval(), state["epoch"], state["test_acc"]

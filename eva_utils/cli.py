@@ -24,7 +24,7 @@ from .errors import (
     command_line_words,
     epochs_held,
 )
-from .files import check_output_folder
+from .files import check_output_file, check_output_folder
 from .signals import signals_deferred, sigterm_as_interrupt
 
 PROG = "eva8"
@@ -180,10 +180,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .plots import save_history_figures
     from .results import summarize_history, target_reached
     from .runfolder import BEST, LAST, METRICS, recorded_device
-    from .training import fit, open_run_folder, start_ranks
+    from .training import fit, open_run_folder, run_settings, start_ranks
 
     if args.resume is not None:
         out = args.resume
+        check_output_folder(out, "--resume")  # first: a name too long fails any look
         if args.out is not None and args.out.resolve() != out.resolve():
             raise ConfigError("give --out (a new run) or --resume (an existing one), not both")
         if args.preset is not None:
@@ -191,10 +192,12 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"--preset cannot change a resumed run: {out} continues with the settings in its "
                 "checkpoint (flags such as --epochs still apply)"
             )
-        ranks = start_ranks(args.device or recorded_device(out))
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+        changes = {name: value for name, value in given.items() if value is not None}
+        settings = {"resume": str(out), **changes}  # what every rank must have been given
+        ranks = start_ranks(args.device or recorded_device(out), None, settings)
         with open_run_folder(ranks, out, resume=True) as folder:
-            changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-            config = folder.resumed_config(**{k: v for k, v in changes.items() if v is not None})
+            config = folder.resumed_config(**changes)
             done = folder.epochs_done
             if done >= config.epochs:
                 if not ranks.is_main:
@@ -211,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         out, config = args.out, config_from_args(args)
         check_out_of_data(out, config.data)
-        ranks = start_ranks(config.device, config.batch_size)
+        ranks = start_ranks(config.device, config.batch_size, run_settings(config, out))
         # Before loading any data: refusing takes a second, not a data set's loading time.
         with open_run_folder(ranks, out, resume=False) as folder:
             history = fit(config, out=folder, progress=not args.quiet)
@@ -237,7 +240,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         parse_seeds,
         parse_shard,
         plan,
+        record_plan,
         shard,
+        summary_notes,
         train_planned,
         write_summary,
     )
@@ -261,12 +266,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         base = config_from_args(args)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
         out = args.out
+        index, parts = parse_shard(args.shard) if args.shard is not None else (1, 1)
         runs = plan(base, grid, seeds, out)
-        part = ""
-        if args.shard is not None:
-            index, parts = parse_shard(args.shard)
-            part = f" (part {index} of {parts} of a plan of {len(runs)})"
-            runs = shard(runs, index, parts)
+        record_plan(runs, out)  # the whole plan: every shard's runs
+        part = f" (part {index} of {parts} of a plan of {len(runs)})" if parts > 1 else ""
+        runs = shard(runs, index, parts)
         complete = sum(run.complete for run in runs)
         resumed = sum(0 < run.epochs_done < run.config.epochs for run in runs)
         print(
@@ -283,8 +287,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             raise failure(failed, total, summarised=False) from None
         raise
     print(sweep_table(summary))
-    for skipped in summary["skipped"]:
-        print(f"skipped {out / skipped['run']}: {skipped['why']}")
+    for line in summary_notes(summary, out):
+        print(line)
     print(f"wrote {out / SWEEP_JSON}, {out / SWEEP_PNG}")
     if failed:
         raise failure(failed, total)
@@ -325,9 +329,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     device = select_device(args.device)
     out = args.out if args.out is not None else args.run
-    check_output_folder(
-        out
-    )  # creates nothing: a missing run folder is load_trained_model's to report
+    # creates nothing: a missing run folder is load_trained_model's to report
+    check_output_folder(out)
     run = load_trained_model(args.run)
     test_set = load_test_set(run, args.data)
     report = analyze(
@@ -380,7 +383,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from .results import compare
 
     png = args.out if args.out.suffix == ".png" else args.out / COMPARISON_PNG
-    check_output_folder(png.parent)
+    check_output_file(png)
     figure, table = compare(*args.runs)
     print(table)
     print(f"wrote {save_figure(figure, png)}")
@@ -441,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rank() -> int:
-    """This process's rank under torchrun (0 without it)."""
-    text = os.environ.get("RANK", "0")
-    return int(text) if text.isdigit() else 0
+    """This process's rank under torchrun: 0 without it, and where RANK is not a rank of
+    WORLD_SIZE (``RANK=1`` exported by hand): that process says why it stopped."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return int(rank) if rank.isdecimal() and world.isdecimal() and int(rank) < int(world) else 0

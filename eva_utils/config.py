@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -145,7 +146,11 @@ class Config:
     def __post_init__(self) -> None:
         # Tuples arrive as lists from JSON and the CLI. The loaders apply crop, flip, rotate in
         # that order whatever the order given, so one order stands for them all: one recipe.
-        given = tuple(self.augment)
+        # A notebook's augment="crop" or "crop,flip" means the names, not the letters.
+        augment = self.augment.split(",") if isinstance(self.augment, str) else self.augment
+        given = tuple(name.strip() for name in augment if name.strip())
+        if isinstance(self.data, os.PathLike):  # data=Path("...") is the path's text
+            object.__setattr__(self, "data", os.fspath(self.data))
         canonical = (
             *[a for a in AUGMENTATIONS if a in given],
             *[a for a in given if a not in AUGMENTATIONS],
@@ -161,6 +166,15 @@ class Config:
         for name in ("train_size", "test_size", "max_batches"):
             if getattr(self, name) is not None:
                 yield positive_int_problem(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            yield f"seed must be a whole number, got {self.seed!r}"
+        elif not -(2**63) <= self.seed < 2**63:  # what torch's generators take
+            yield f"seed must be a whole number from -2**63 to 2**63 - 1, got {self.seed}"
+        if self.data is not None and not isinstance(self.data, str):
+            yield (
+                f"data must be the path of a folder or .tar.gz (text), '{SYNTHETIC}' or none, "
+                f"got {self.data!r}"
+            )
         if not 0.0 < self.lr < float("inf"):  # also refuses NaN
             yield f"lr must be a positive number, got {self.lr}"
         for name in ("momentum", "weight_decay", "rotate_degrees", "num_workers"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,22 @@ def option(name: str, value: Any = None) -> str:
     return spelled(f"{flag} {value}", f"{name}={value}")
 
 
+def quoted(path: str | Path) -> str:
+    """``path`` as a shell reads it back, pasted into a command line: ``'x;touch PWNED'``."""
+    return shlex.quote(str(path))
+
+
 def train_command(folder: str | Path) -> str:
     """How to train a new run into ``folder``."""
-    return spelled(f"python -m eva_utils train --out {folder}", f"fit(config, out={str(folder)!r})")
+    return spelled(
+        f"python -m eva_utils train --out {quoted(folder)}", f"fit(config, out={str(folder)!r})"
+    )
 
 
 def resume_command(folder: str | Path) -> str:
     """How to continue the run in ``folder``."""
     return spelled(
-        f"python -m eva_utils train --resume {folder}",
+        f"python -m eva_utils train --resume {quoted(folder)}",
         f"fit(config, out={str(folder)!r}, resume=True)",
     )
 
@@ -87,6 +95,11 @@ class RunFileError(EvaError):
 
 class CheckpointError(RunFileError):
     """A checkpoint (``last.pt``, ``best.pt``) that cannot be used."""
+
+
+class RecipeChanged(CheckpointError, ConfigError):
+    """A resume that would change the run's recipe: a setting refused (a ConfigError: every
+    rank of a run refuses it alike, and the main process says it once)."""
 
 
 class TrainingDiverged(EvaError):

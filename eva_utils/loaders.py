@@ -9,7 +9,9 @@ plain reference; both draw augmentations from the same distributions.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -20,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
 from .data import CIFAR10_MEAN, CIFAR10_STD, ImageSet
+
+log = logging.getLogger(__name__)
 
 PADDING = 4  # RandomCrop(32, padding=4)
 TEST_BATCH = 512  # evaluation batch: no gradients to keep, so larger than a training batch
@@ -180,6 +184,21 @@ def torchvision_loader(
     )
 
 
+def workers(asked: int) -> int:
+    """The DataLoader workers to start for ``num_workers=asked``: at most one per CPU core this
+    process may use (more only wait for the cores, each with a copy of the data set), said in
+    one line when fewer than asked."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and asked > cores:
+        log.warning(
+            "num_workers %d is more than the %d CPU cores this process may use: starting %d "
+            "DataLoader workers",
+            asked, cores, cores,
+        )  # fmt: skip
+        return cores
+    return asked
+
+
 class Limited:
     """The first ``max_batches`` batches of ``loader`` (all of them when None): the dry-run
     knob. It stops before fetching batch ``max_batches + 1``, so no augmentation or shuffle is
@@ -212,7 +231,7 @@ def build_loaders(
         )  # fmt: skip
         test_loader = DeviceLoader(test_set, TEST_BATCH, **common)
     else:
-        common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        common = dict(num_workers=workers(config.num_workers), pin_memory=device.type == "cuda")
         train_loader = torchvision_loader(
             train_set, config.batch_size, train=True, augment=config.augment,
             rotate_degrees=config.rotate_degrees, generator=generator, **common,

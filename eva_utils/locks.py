@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import RunFileError, option
+from .files import open_in_folder, same_file
 
 log = logging.getLogger(__name__)
 # What flock raises on a file system that has no locks: training goes on unlocked, not at all.
@@ -35,7 +36,7 @@ def hold(path: Path) -> int | None:
         return None
     folder = path.parent
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_in_folder(path, os.O_RDWR)  # a symbolic link there is replaced, not followed
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -61,7 +62,7 @@ def hold(path: Path) -> int | None:
         # Its last holder may have unlinked the file between our open and our lock: then we
         # hold a file nobody else will see, and must lock the one at the path instead.
         with contextlib.suppress(FileNotFoundError):
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            if same_file(os.fstat(fd), os.stat(path, follow_symlinks=False)):
                 break
         os.close(fd)
     previous = _holder(fd)
@@ -73,6 +74,7 @@ def hold(path: Path) -> int | None:
             previous,
         )
     os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)  # _holder read to the end: writing there would lead with NULs
     host = socket.gethostname()
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     os.write(fd, json.dumps({"pid": os.getpid(), "host": host, "since": since}).encode())
@@ -80,16 +82,18 @@ def hold(path: Path) -> int | None:
 
 
 def release(path: Path, fd: int) -> None:
-    """Let go of the lock file ``path`` that ``fd`` (from :func:`hold`) holds."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # while still holding it: see hold
+    """Let go of the lock file ``path`` that ``fd`` (from :func:`hold`) holds. Where ``path`` is
+    no longer that file (the folder was removed, or replaced by another), nothing is removed."""
+    with contextlib.suppress(OSError):
+        if same_file(os.stat(path, follow_symlinks=False), os.fstat(fd)):
+            os.unlink(path)  # while still holding it: see hold
     os.close(fd)
 
 
 def _holder(fd: int) -> str:
     """Who the lock file says holds it ("process 123 on HOST since ..."), or "" if empty."""
     os.lseek(fd, 0, os.SEEK_SET)
-    text = os.read(fd, 4096).decode(errors="replace")
+    text = os.read(fd, 4096).decode(errors="replace").strip("\0")  # older versions led with NULs
     try:
         holder = json.loads(text)
         return f"process {holder['pid']} on {holder['host']} (since {holder['since']})"

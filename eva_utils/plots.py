@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .config import TARGET_ACCURACY
 from .data import CIFAR10_MEAN, CIFAR10_STD
+from .files import atomic_write
 from .receptive_fields import RFRow, field_box
 
 History = Sequence[dict[str, Any]]
@@ -70,9 +71,12 @@ def plot_accuracy(
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (its format from the suffix) atomically: a symbolic link at
+    ``path`` is replaced by the figure, never written through."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
+    format = path.suffix[1:].lower() or "png"
+    atomic_write(path, lambda file: fig.savefig(file, format=format, dpi=120,
+                                                metadata=PNG_METADATA))  # fmt: skip
     return path
 
 

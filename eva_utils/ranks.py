@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import ConfigError, EvaError
+from .errors import ConfigError, EvaError, option
 
 # How long a rank waits in a collective for the others before it gives up: a peer that died is
 # normally noticed by torchrun (which then stops every rank) or by the lost connection within
@@ -52,16 +55,28 @@ class Ranks:
 
     @classmethod
     def from_environment(cls) -> Ranks:
-        """The ranks torchrun set in the environment; a world of 1 without them."""
-        try:
-            ranks = cls(*(int(os.environ.get(name, default)) for name, default in
-                          (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))  # fmt: skip
-        except ValueError:
-            raise ConfigError(
-                "RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (torchrun sets them)"
-            ) from None
+        """The ranks torchrun set in the environment; a world of 1 without them. Variables
+        that torchrun would not have set (a RANK without a WORLD_SIZE, a WORLD_SIZE without the
+        rendezvous's address, a port or timeout that is no number) are a ConfigError."""
+        defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        ranks = cls(*(_whole_number(name, os.environ.get(name, text))
+                      for name, text in defaults.items()))  # fmt: skip
+        fix = f"start the ranks with torchrun, or unset {_set_variables()} to train in one process"
         if not 0 <= ranks.rank < ranks.world_size:
-            raise ConfigError(f"RANK {ranks.rank} is outside a WORLD_SIZE of {ranks.world_size}")
+            raise ConfigError(
+                f"RANK {ranks.rank} is outside a WORLD_SIZE of {ranks.world_size}: {fix}"
+            )
+        if ranks.distributed:
+            missing = [name for name in RENDEZVOUS if not os.environ.get(name)]
+            if missing:
+                raise ConfigError(
+                    f"WORLD_SIZE is {ranks.world_size} but {' and '.join(missing)} "
+                    f"{'is' if len(missing) == 1 else 'are'} not set (torchrun sets them): {fix}"
+                )
+            port = _whole_number("MASTER_PORT", os.environ["MASTER_PORT"])
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"MASTER_PORT must be a port from 1 to 65535, got {port}")
+            timeout_seconds()  # refused now, not when the ranks meet
         return ranks
 
     @property
@@ -96,9 +111,43 @@ class Ranks:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)))
+        seconds = timeout_seconds()
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timeout, device_id=_device_id(device))
+        try:
+            dist.init_process_group(
+                backend, timeout=datetime.timedelta(seconds=seconds), device_id=_device_id(device)
+            )
+        except (RuntimeError, ValueError) as error:  # DistStoreError: the others never came
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise PeerFailed(
+                f"{self} could not meet the other ranks at {where} within {seconds:g} s "
+                f"({error.__class__.__name__}): start all {self.world_size} with torchrun, or "
+                f"unset {_set_variables()} to train in one process"
+            ) from None
+
+    def check_same(self, recipe: Mapping[str, Any]) -> None:
+        """Refuse, on every rank, ranks that were started with different settings (``recipe``:
+        the config and the run folder): they would train different runs as if one, or stop
+        in a collective that the others never reach. Raises ConfigError naming the first rank
+        that differs from rank 0 and each setting it differs in."""
+        if not self.distributed:
+            return
+        every: list[Any] = [None] * self.world_size
+        self._collective(dist.all_gather_object, every, dict(recipe))
+        main = every[0]
+        for rank, other in enumerate(every[1:], 1):
+            names = [*main, *(name for name in other if name not in main)]
+            differs = [name for name in names if main.get(name) != other.get(name)]
+            if differs:
+                shown = ", ".join(
+                    f"{option(name, _shown(main.get(name)))} on rank 0, "
+                    f"{_shown(other.get(name))} on rank {rank}"
+                    for name in differs
+                )
+                raise ConfigError(
+                    f"rank {rank} was started with other settings than rank 0 ({shown}): the "
+                    "ranks of one run train one recipe; start them all with the same command"
+                )
 
     def agree(self, problem: str | None) -> None:
         """Every rank learns whether the main process found a ``problem`` (it raised it); the
@@ -200,7 +249,8 @@ class Ranks:
         masks, and a resumed run draws the ones an unbroken run drew. A world of 1 keeps the
         single process's stream."""
         if self.distributed:
-            torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + self.rank)
+            # modulo 2**63: a seed near the top of its range must not overflow torch's int64
+            torch.manual_seed((seed * 1_000_003 + epoch * 1_009 + self.rank) % 2**63)
 
     def _collective(self, operation, *args, **kwargs):
         try:
@@ -222,6 +272,37 @@ def leave() -> None:
     """End this process's part in a torchrun process group, if it joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")  # where the ranks meet: torchrun sets both
+
+
+def timeout_seconds() -> float:
+    """How long a rank waits for the others: ``$EVA_DIST_TIMEOUT`` seconds, or 300."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text.strip() else DEFAULT_TIMEOUT
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:  # also refuses NaN
+        raise ConfigError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def _whole_number(name: str, text: str) -> int:
+    """The whole number an environment variable ``name`` holds, else a ConfigError."""
+    if not text.strip().isdecimal():  # isdigit() would let "²" through to int()
+        raise ConfigError(f"{name} must be a whole number (torchrun sets it), got {text!r}")
+    return int(text)
+
+
+def _set_variables() -> str:
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", *RENDEZVOUS)
+    return ", ".join(name for name in names if name in os.environ) or "WORLD_SIZE"
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def _device_id(device: torch.device) -> torch.device | None:

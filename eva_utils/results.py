@@ -26,8 +26,8 @@ from .config import (
     recipe_name,
     upgrade_config_dict,
 )
-from .errors import ConfigError, RunFileError, spelled
-from .files import read_json
+from .errors import ConfigError, RunFileError, quoted, spelled
+from .files import printable, read_json
 from .plots import MAX_COMPARED, plot_comparison
 from .runfolder import METRICS, read_metrics
 
@@ -143,7 +143,7 @@ def read_recorded_run(folder: str | Path) -> RecordedRun:
             f"{folder} holds no {METRICS}: give a run folder written by "
             "python -m eva_utils train (runs/NAME) or results/NAME"
         )
-    return RecordedRun(folder.name, metrics, provenance, folder.resolve())
+    return RecordedRun(printable(folder.name), metrics, provenance, folder.resolve())
 
 
 def read_provenance(path: Path) -> dict[str, Any]:
@@ -312,7 +312,7 @@ def _named_apart(runs: Sequence[RecordedRun]) -> list[RecordedRun]:
         others = [other for j, other in enumerate(parts) if j != i]
         length = next(n for n in range(1, len(parts[i]) + 1)
                       if all(other[-n:] != parts[i][-n:] for other in others))  # fmt: skip
-        return str(Path(*parts[i][-length:]))
+        return printable(str(Path(*parts[i][-length:])))
 
     return [replace(run, name=tail(i)) if run.folder else run for i, run in enumerate(runs)]
 
@@ -326,20 +326,22 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
     (mean and sample std over the seeds), the epoch the target was first reached, seconds per
     epoch, and the mean test accuracy curve. The content of a sweep's ``sweep.json``."""
     folder = Path(folder)
-    runs = [read_recorded_run(path.parent) for path in sorted(folder.glob(f"*/{METRICS}"))]
-    skipped = [
-        {"run": run.name, "why": f"its {METRICS} records no config (not a run of this sweep)"}
-        for run in runs
-        if "seed" not in run.config
-    ]
-    runs = [run for run in runs if "seed" in run.config]
+    runs, skipped = [], []
+    for path in sorted(folder.glob(f"*/{METRICS}")):
+        try:
+            run = read_recorded_run(path.parent)
+        except RunFileError as error:  # one damaged run must not hide the others
+            skipped.append({"run": path.parent.name, "why": str(error)})
+            continue
+        if "seed" in run.config:
+            runs.append(run)
+        else:
+            skipped.append({"run": run.name, "why": f"its {METRICS} records no config (not a "
+                                                    "run of this sweep)"})  # fmt: skip
     if not runs:
-        raise RunFileError(
-            f"{folder} holds no runs (*/{METRICS}): train them with "
-            + spelled(
-                f"python -m eva_utils sweep --out {folder} ...", f"sweep(..., out={str(folder)!r})"
-            )
-        )
+        again = spelled(f"python -m eva_utils sweep --out {quoted(folder)} ...",
+                        f"sweep(..., out={str(folder)!r})")  # fmt: skip
+        raise RunFileError(f"{folder} holds no runs (*/{METRICS}): train them with {again}")
     cells: dict[str, list[RecordedRun]] = {}
     for run in runs:  # a cell's name: the recipe's folder name with the seed left out
         cell = recipe_name(Config.from_dict(run.config).replace(seed=0)).rsplit("-", 1)[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,13 +23,24 @@ from typing import Any
 import torch
 
 from .config import RECIPE_FIELDS, Config, same_data
-from .errors import CheckpointError, RunFileError, option, resume_command, spelled, train_command
+from .errors import (
+    CheckpointError,
+    RecipeChanged,
+    RunFileError,
+    option,
+    quoted,
+    resume_command,
+    spelled,
+    train_command,
+)
 from .files import (
     atomic_write,
     atomic_write_json,
     check_output_folder,
+    open_folder,
     read_json,
     remove_dead_scratch,
+    same_file,
 )
 from .locks import hold, release
 from .signals import signals_deferred
@@ -117,7 +129,14 @@ def check_classes(path: str | Path, saved: Sequence[str], classes: Sequence[str]
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str) -> None:
     """Load a checkpoint's weights, with a one-line error if the architecture differs."""
-    expected, given = model.state_dict(), state["model"]
+    check_weights(model.state_dict(), state, path)
+    model.load_state_dict(state["model"])
+
+
+def check_weights(expected: dict[str, Any], state: dict[str, Any], path: Path | str) -> None:
+    """Refuse a checkpoint whose weights are not the tensors ``expected`` (a model's
+    ``state_dict()``: on the meta device, only their shapes) in one line."""
+    given = state["model"]
     unexpected = [name for name in given if name not in expected]
     missing = [name for name in expected if name not in given]
     reshaped = [
@@ -129,9 +148,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path | str
             f"{path} holds weights of another architecture than this model "
             f"({len(unexpected)} unexpected, {len(missing)} missing and {len(reshaped)} "
             f"differently shaped tensors, e.g. {first}); its config says "
-            f"{state['config'].get('arch')} with {len(state['classes'])} classes"
+            f"{state['config'].get('arch')} with {len(state['classes']):,} classes"
         )
-    model.load_state_dict(given)
 
 
 # --- metrics.json ------------------------------------------------------------------------------
@@ -206,7 +224,7 @@ def check_same_recipe(saved: Config, config: Config, out: Path) -> None:
         if name in RECIPE_FIELDS and old != new and not (name == "data" and same_data(old, new))
     )
     if changed:
-        raise CheckpointError(
+        raise RecipeChanged(
             f"cannot resume {out} with another recipe ({changed}): a run keeps the recipe it "
             f"started with; drop those {spelled('flags', 'changes')}, or start a new run with "
             f"{option('out')}"
@@ -268,12 +286,16 @@ class RunFolder:
     state: dict[str, Any] | None = None
     _lock: int | None = field(default=None, repr=False)
     _created: bool = field(default=False, repr=False)
+    # The folder as opened (a descriptor held open): a save checks the path is still it.
+    _anchor: int | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, *, resume: bool = False) -> RunFolder:
         """Lock ``path`` and check it for a new run (``resume=False``), or read it to resume
         one. Raises RunFileError, in one line, saying what to do instead."""
         path = Path(path)
+        # First: a name too long for the file system makes every look at the folder an OSError.
+        check_output_folder(path, option("resume" if resume else "out"))
         if (path / LAST).exists() and not holds_run(path):  # a folder: no save replaces it
             raise CheckpointError(
                 f"{path / LAST} is not a file: remove it, or choose another {option('out')}"
@@ -282,20 +304,21 @@ class RunFolder:
             raise CheckpointError(
                 f"{path} has no checkpoint ({LAST}) to resume: start a new run with {option('out')}"
             )
-        check_output_folder(path, option("resume" if resume else "out"))
         folder = cls(path, _created=not path.exists())
         path.mkdir(parents=True, exist_ok=True)
         folder._lock = hold(path / LOCK)
         try:
+            folder._anchor = open_folder(path)
             if not resume and holds_run(path):
                 raise CheckpointError(
                     f"{path} already holds a run: continue it with "
-                    f"{spelled(f'--resume {path}', 'resume=True')}, or choose another "
+                    f"{spelled(f'--resume {quoted(path)}', 'resume=True')}, or choose another "
                     f"{option('out')}"
                 )
             if resume:
                 folder.state = load_checkpoint(path / LAST)
-            remove_dead_scratch(path)  # the temporaries of writers that were killed
+            for name in (LAST, BEST, METRICS):  # the temporaries of writers that were killed;
+                remove_dead_scratch(path, prefix=f".{name}.")  # a user's own .x.tmp stays
         except BaseException:
             folder.close()
             raise
@@ -317,8 +340,12 @@ class RunFolder:
             release(self.path / LOCK, self._lock)
             self._lock = None
         if self._created:
-            with contextlib.suppress(OSError):  # not empty: the run's files stay
-                self.path.rmdir()
+            with contextlib.suppress(OSError):  # not empty, or not ours now: it stays
+                if self._still_there():
+                    self.path.rmdir()
+        if self._anchor is not None:
+            os.close(self._anchor)
+            self._anchor = None
 
     def __enter__(self) -> RunFolder:
         return self
@@ -357,6 +384,7 @@ class RunFolder:
         Ctrl-C and SIGTERM wait until the writes are done.
         """
         history = state["history"]
+        self._check_still_there(history[-1]["epoch"])
         try:
             with signals_deferred():
                 if history[-1]["test_acc"] >= max(row["test_acc"] for row in history):
@@ -378,3 +406,24 @@ class RunFolder:
                 f"({error.strerror or error}){room}; {kept}: free space or make the folder "
                 f"writable, then {then}"
             ) from None
+
+    def _check_still_there(self, epoch: int) -> None:
+        """Refuse to save ``epoch`` into a folder that is no longer the one opened (removed,
+        replaced, or a Drive whose mount point stayed, empty): saving would make a new folder
+        in its place, on another disk, and the run would go on there unseen."""
+        if self._anchor is not None and not self._still_there():
+            raise CheckpointError(
+                f"could not save epoch {epoch}: {self.path} is no longer the run folder this "
+                "run started in (it was removed or replaced, or the drive it was on was "
+                f"unmounted); nothing was written: bring the folder back (mount the drive "
+                f"again), then {resume_command(self.path)}"
+            )
+
+    def _still_there(self) -> bool:
+        """Whether the path is still the folder opened (True where that cannot be told)."""
+        if self._anchor is None:
+            return True
+        try:
+            return same_file(os.fstat(self._anchor), os.stat(self.path))
+        except OSError:  # gone, or a parent replaced by a file
+            return False

@@ -26,16 +26,28 @@ import torch
 
 from .config import GRID_FIELDS, Config, field_flags, parse_field, recipe_name
 from .data import check_out_of_data
-from .errors import ConfigError, EvaError, Interrupted, RunFileError, TrainingDiverged, option
-from .files import atomic_write_json, check_output_folder
+from .errors import (
+    ConfigError,
+    EvaError,
+    Interrupted,
+    RunFileError,
+    TrainingDiverged,
+    option,
+    spelled,
+)
+from .files import atomic_write_json, check_output_folder, open_in_folder, read_json
 from .plots import plot_sweep, save_figure
 from .progress import tqdm
+from .ranks import Ranks
 from .results import SWEEP_JSON, summarize_sweep
 from .runfolder import epochs_done, holds_run
 from .signals import ends_with_this_process
 from .training import fit
 
 SWEEP_PNG = "sweep.png"
+# The runs a sweep planned (every --shard's), as :func:`record_plan` writes them: the summary
+# says which of them hold no epoch and which runs under the folder are not planned.
+SWEEP_PLAN, PLAN_FORMAT = "sweep-plan.json", "eva8-sweep-plan"
 LOGS = "logs"  # the sweep folder's logs/<run>.log: the output of each run trained in a subprocess
 MAX_RUNS = 1000  # a sweep's cells x seeds: more is a typo (100^4), not a plan for one machine
 POLL_SECONDS = 0.5  # how often the parallel runs' progress and exits are looked at
@@ -53,6 +65,17 @@ class PlannedRun:
     @property
     def complete(self) -> bool:
         return self.epochs_done >= self.config.epochs
+
+
+def refuse_ranks() -> None:
+    """Refuse a sweep started by torchrun on several processes: each would train the whole
+    plan, and its runs, started with the ranks' variables, would pair up across processes."""
+    if Ranks.from_environment().distributed:
+        raise ConfigError(
+            "a sweep starts its own processes (--parallel N), so torchrun cannot start it: run "
+            "python -m eva_utils sweep ... in one process (torchrun ... train trains one run "
+            "on several processes)"
+        )
 
 
 def check_grid_field(name: str) -> None:
@@ -121,6 +144,7 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
     """Every cell x seed of the sweep: ``config`` with the cell's grid values and the seed, in
     ``out/<recipe name>``, with the epochs that folder holds already. Every recipe, and that
     ``out`` can be written, is checked before anything trains."""
+    refuse_ranks()
     for name, values in grid.items():
         check_grid_field(name)
         check_distinct(name, list(values), f"the grid's {name}")
@@ -161,6 +185,15 @@ def plan(config: Config, grid: Grid, seeds: Sequence[int], out: str | Path) -> l
     return runs
 
 
+def record_plan(runs: Sequence[PlannedRun], out: str | Path) -> None:
+    """Write ``out/sweep-plan.json``: the run folders of the whole plan (every shard's), so that
+    a summary can name the planned runs it lacks and the runs it holds that are not planned.
+    A sweep with a changed grid records its own plan in place of the last one."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    names = [run.folder.name for run in runs]
+    atomic_write_json({"format": PLAN_FORMAT, "runs": names}, Path(out) / SWEEP_PLAN)
+
+
 def _run_folder(out: Path, config: Config) -> Path:
     """``out/<recipe name>``; a run that an earlier version started under the name its data
     path's text gave (:func:`~eva_utils.config.recipe_name`) keeps that folder."""
@@ -175,7 +208,7 @@ def _run_folder(out: Path, config: Config) -> Path:
 def parse_shard(text: str) -> tuple[int, int]:
     """``"2/4"`` as (2, 4): the second of four parts of a sweep's plan."""
     index, slash, parts = text.partition("/")
-    if slash and index.strip().isdigit() and parts.strip().isdigit():
+    if slash and index.strip().isdecimal() and parts.strip().isdecimal():  # "²".isdigit()
         index, parts = int(index), int(parts)
         if 1 <= index <= parts:
             return index, parts
@@ -291,7 +324,8 @@ def _start(run: PlannedRun, gpu: str | None = None) -> subprocess.Popen:
     log = _log(run)
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else None
-    with open(log, "a") as output:
+    # appended to (a resumed run's output follows its earlier one's), never through a link
+    with os.fdopen(open_in_folder(log, os.O_WRONLY | os.O_APPEND), "a") as output:
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True,
                                 preexec_fn=ends_with_this_process())  # fmt: skip
@@ -309,15 +343,57 @@ def _why_it_failed(process: subprocess.Popen, run: PlannedRun) -> str:
     return lines[-1] if lines else f"exit status {process.returncode}, no output"
 
 
+def planned_runs(out: str | Path) -> list[str] | None:
+    """The run folders ``out/sweep-plan.json`` names, or None where no plan was recorded."""
+    path = Path(out) / SWEEP_PLAN
+    if not path.exists():
+        return None
+    plan = read_json(path, "")
+    runs = plan.get("runs") if isinstance(plan, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(name, str) for name in runs):
+        raise RunFileError(f"{path} holds no list of runs: delete it, then rerun the sweep")
+    return runs
+
+
 def write_summary(out: str | Path) -> dict[str, Any]:
     """Summarise the runs under ``out`` into ``out/sweep.json`` and draw ``out/sweep.png``;
-    returns the summary (:func:`~eva_utils.results.summarize_sweep`)."""
+    returns the summary (:func:`~eva_utils.results.summarize_sweep`), with the runs of the
+    recorded plan: those that hold no epoch yet (``missing``: a --shard not trained) and the
+    runs summarised that it does not name (``foreign``)."""
+    refuse_ranks()  # every rank would write the files
     out = Path(out)
+    check_output_folder(out, spelled("--summarize", "out=..."))  # sweep.json, sweep.png go there
     summary = summarize_sweep(out)
+    planned = planned_runs(out)
+    found = [name for cell in summary["cells"] for name in cell["runs"]]
+    summary.update(
+        planned=planned,
+        missing=[] if planned is None else sorted(set(planned) - set(found)),
+        foreign=[] if planned is None else [name for name in found if name not in planned],
+    )
     atomic_write_json(summary, out / SWEEP_JSON)
     title = f"{out.name}: {summary['data']}; {'; '.join(summary['hardware'])}"
     save_figure(plot_sweep(summary["cells"], title), out / SWEEP_PNG)
     return summary
+
+
+def summary_notes(summary: dict[str, Any], out: Path) -> list[str]:
+    """The lines that follow a summary's table: the runs it skipped and why, the planned runs
+    it lacks and the runs it holds that are not planned (:func:`write_summary`)."""
+    notes = [f"skipped {out / skipped['run']}: {skipped['why']}" for skipped in summary["skipped"]]
+    if summary["missing"]:
+        notes.append(
+            f"missing {len(summary['missing'])} of the {len(summary['planned'])} planned runs "
+            f"(first: {out / summary['missing'][0]}), which hold no epoch yet: train them with "
+            "the sweep's command (every --shard of it)"
+        )
+    if summary["foreign"]:
+        notes.append(
+            f"{len(summary['foreign'])} runs summarised are not in the plan recorded in "
+            f"{out / SWEEP_PLAN} (first: {out / summary['foreign'][0]}): runs of another grid "
+            "or sweep"
+        )
+    return notes
 
 
 def sweep(
@@ -334,6 +410,7 @@ def sweep(
     summary also written to ``out/sweep.json`` and drawn in ``out/sweep.png``. Calling it again
     continues: complete runs are skipped, interrupted ones resumed."""
     runs = plan(config, grid, seeds, out)
+    record_plan(runs, out)
     failed = train_planned(runs, parallel=parallel, progress=progress)
     try:
         summary = write_summary(out)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def fit(
     (so N processes with ``norm="bn"`` train what one process trains with ``norm="gbn",
     num_splits=N``), and only the main process writes the run folder and shows progress.
     """
-    ranks = start_ranks(config.device, config.batch_size)
+    ranks = start_ranks(config.device, config.batch_size, run_settings(config, out))
     # Opened before the data is loaded: a refusal takes a moment, not the data set's load.
     with _opened(out, resume, config, ranks) as folder, sigterm_as_interrupt():
         state = None
@@ -88,14 +88,25 @@ def fit(
     return state.history
 
 
-def start_ranks(device: str, batch_size: int | None = None) -> Ranks:
-    """This process's ranks, joined to the others (a world of 1 without torchrun), once they
-    are known to be able to share batches of ``batch_size``."""
+def start_ranks(
+    device: str, batch_size: int | None = None, settings: Mapping[str, Any] | None = None
+) -> Ranks:
+    """This process's ranks, joined to the others (a world of 1 without torchrun), once every
+    rank is known to have been given the same ``settings`` (:meth:`Ranks.check_same`) and to
+    be able to share batches of ``batch_size``."""
     ranks = Ranks.from_environment()
+    ranks.join(ranks.local_device(select_device(device)))
+    if settings is not None:
+        ranks.check_same(settings)
     if batch_size is not None:
         refuse(ranks.batch_problem(batch_size))
-    ranks.join(ranks.local_device(select_device(device)))
     return ranks
+
+
+def run_settings(config: Config, out: str | Path | RunFolder | None) -> dict[str, Any]:
+    """What every rank of one run must have been given alike: its config and its run folder."""
+    folder = out.path if isinstance(out, RunFolder) else out
+    return {**config.to_dict(), "out": None if folder is None else str(folder)}
 
 
 @contextlib.contextmanager

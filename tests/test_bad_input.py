@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,14 @@ import torch
 
 from eva_utils import get_preset, runfolder
 from eva_utils.cli import main
-from eva_utils.errors import DataError
+from eva_utils.config import Config
+from eva_utils.errors import (
+    ConfigError,
+    DataError,
+    command_line_words,
+    resume_command,
+    train_command,
+)
 
 from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
 
@@ -141,6 +149,11 @@ def test_truncated_tar_gz(tmp_path, capsys):
         (["--batch-size", "2", "--num-splits", "4"], "num_splits (4) is larger than batch_size"),
         (["--preset", "session9"], "unknown preset 'session9': choose one of session8, fast"),
         (["--arch", "resnet50"], "arch must be one of resnet18, resnet34, tiny"),
+        (
+            ["--seed", str(2**64)],
+            f"seed must be a whole number from -2**63 to 2**63 - 1, got {2**64}",
+        ),
+        (["--seed", str(2**63)], "seed must be a whole number from -2**63 to 2**63 - 1"),
     ],
 )
 def test_impossible_settings(flags, message, tmp_path, capsys):
@@ -165,6 +178,19 @@ def test_cuda_where_there_is_none(device, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_library_settings_given_as_text_or_paths_mean_what_they_say():
+    """A notebook's ``augment="crop"`` is the augmentation crop, not the letters c, r, o, p;
+    ``data=Path(...)`` is that path; ``data=123`` is refused naming what data may be."""
+    assert Config(augment="crop").augment == ("crop",)
+    assert Config(augment="flip,crop").augment == ("crop", "flip")
+    assert Config(data=Path("tiny.tar.gz")).data == "tiny.tar.gz"
+    with pytest.raises(ConfigError) as error:
+        Config(data=123)
+    assert str(error.value) == (
+        "data must be the path of a folder or .tar.gz (text), 'synthetic' or none, got 123"
+    )
+
+
 # --- plot ----------------------------------------------------------------------------------------
 
 
@@ -177,8 +203,9 @@ def test_cuda_where_there_is_none(device, tmp_path, capsys):
         ('[{"epoch": 1}]', "is not an eva8 metrics.json"),
         ('{"history": [{"epoch": 1, "loss": 2.3}]}', "is not an eva8 metrics.json"),
         ('{"history": []}', "is not an eva8 metrics.json"),
+        ("[" * 100_000 + "]" * 100_000, "nests its values too deeply to be read"),
     ],
-    ids=["truncated", "binary", "keras-history", "list", "other-keys", "no-epochs"],
+    ids=["truncated", "binary", "keras-history", "list", "other-keys", "no-epochs", "nested"],
 )
 def test_plot_of_a_file_that_is_not_eva8_metrics(content, message, tmp_path, capsys):
     path = tmp_path / "metrics.json"
@@ -216,6 +243,19 @@ def test_train_into_a_folder_that_holds_a_run_refuses_and_says_resume(tmp_path, 
     assert_one_line_error(code, err, "already holds a run", f"--resume {tmp_path / 'run'}")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
     assert len(runfolder.load_checkpoint(last)["history"]) == 1
+
+
+def test_printed_commands_quote_a_folder_name_for_the_shell(tmp_path, capsys):
+    """A folder named ``x;touch PWNED``: the command a message prints, pasted into a shell,
+    passes the folder as one argument instead of running ``touch``."""
+    run = tmp_path / "x;touch PWNED"
+    fake_run(run)
+    code, err = eva8(capsys, "train", *SYNTHETIC, "--out", run)
+    line = assert_one_line_error(code, err, "already holds a run")
+    assert f"continue it with --resume {shlex.quote(str(run))}, or" in line
+    with command_line_words():
+        for command in (resume_command(run), train_command(run)):
+            assert shlex.split(command)[-1] == str(run), command
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
@@ -410,6 +450,34 @@ def test_analyze_refuses_a_best_checkpoint_without_epoch_or_classes(key, tmp_pat
     assert_one_line_error(code, err, f"{best} has no {key}", "train the run again")
 
 
+def test_a_best_checkpoint_naming_far_more_classes_is_refused_without_building_them(
+    tmp_path, capsys, monkeypatch
+):
+    """A forged best.pt: CIFAR-10's weights and 200,000 class names (the issue's had 2,000,000:
+    a 4 GB layer). It is refused from the shapes alone (a model on the meta device), and no
+    layer for those classes is ever allocated."""
+    from eva_utils import analysis
+
+    fake_run(tmp_path / "run")
+    best = tmp_path / "run" / runfolder.BEST
+    state = torch.load(best, weights_only=True)
+    state["classes"] = [f"class{index}" for index in range(200_000)]
+    torch.save(state, best)
+    built = []
+
+    def build_model(config, num_classes):
+        model = real_build_model(config, num_classes)
+        built.append((next(model.parameters()).device.type, num_classes))
+        return model
+
+    real_build_model = analysis.build_model
+    monkeypatch.setattr(analysis, "build_model", build_model)
+    code, err = eva8(capsys, "analyze", tmp_path / "run", "--quiet")
+    assert built == [("meta", 200_000)]
+    line = assert_one_line_error(code, err, f"{best} holds weights of another architecture")
+    assert "e.g. linear.weight" in line and "200,000 classes" in line
+
+
 def test_analyze_refuses_data_whose_classes_are_not_the_checkpoints(tmp_path, capsys):
     fake_run(tmp_path / "run")  # synthetic data: CIFAR-10's ten classes
     other = write_image_folder(tmp_path / "other", per_class=8, classes=("ant", "bee", "cow"))
@@ -439,3 +507,30 @@ def test_an_out_folder_name_too_long_for_a_file_system_is_one_line(how, tmp_path
                 sweep(config, {"dropout": [0.0]}, out=out, progress=False)
         assert "\n" not in str(error.value)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["train", *SYNTHETIC, "--out", "{long}"], "--out"),
+        (["train", "--resume", "{long}"], "--resume"),
+        (["sweep", *SYNTHETIC, "--grid", "dropout=0", "--out", "{long}"], "--out"),
+        (["sweep", "--summarize", "{long}"], "--summarize"),
+        (["plot", "{metrics}", "--out", "{long}"], "--out"),
+        (["compare", "{run}", "--out", "{long}.png"], "--out"),
+        (["compare", "{run}", "--out", "{just_short_enough}.png"], "--out"),
+    ],
+    ids=["train", "resume", "sweep", "summarize", "plot", "compare", "compare-scratch"],
+)
+def test_an_out_name_too_long_under_an_existing_folder_is_one_line(command, flag, tmp_path, capsys):
+    """A name over 255 bytes (or a file name that leaves its temporary name no room) directly
+    under a folder that exists: one line naming the setting, not OSError [Errno 36]."""
+    (tmp_path / "metrics.json").write_text(json.dumps(good_metrics()))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(good_metrics()))
+    names = {"long": tmp_path / ("x" * 300), "just_short_enough": tmp_path / ("x" * 240),
+             "metrics": tmp_path / "metrics.json", "run": tmp_path / "run"}  # fmt: skip
+    before = sorted(path.name for path in tmp_path.iterdir())
+    code, err = eva8(capsys, *(part.format(**names) for part in command))
+    assert_one_line_error(code, err, "bytes, more than the", f"choose a shorter {flag}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == before

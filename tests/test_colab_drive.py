@@ -163,3 +163,46 @@ def test_an_atomic_write_where_chmod_is_refused_still_writes(monkeypatch, tmp_pa
     files.atomic_write_text(tmp_path / "metrics.json", "{}\n")
     assert (tmp_path / "metrics.json").read_text() == "{}\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left
+
+
+def _unmount(run: Path, mount: Path) -> None:
+    """A Drive that goes away and leaves its mount point, empty."""
+    shutil.rmtree(mount)
+    mount.mkdir()
+
+
+def _replace_by_a_file(run: Path, mount: Path) -> None:
+    shutil.rmtree(run)
+    run.write_text("not a folder")
+
+
+def _replace_by_another_folder(run: Path, mount: Path) -> None:
+    run.rename(run.with_name("moved"))
+    run.mkdir()
+
+
+@pytest.mark.parametrize(
+    "vanish", [_unmount, _replace_by_a_file, _replace_by_another_folder],
+    ids=["unmounted", "file", "another-folder"],
+)  # fmt: skip
+def test_a_run_folder_that_vanishes_mid_run_is_a_one_line_save_error(tmp_path, vanish):
+    """After epoch 1 the run folder goes (the Drive unmounted; the folder replaced by a file):
+    saving epoch 2 is one line saying so, and no folder is made again in its place."""
+    from eva_utils import fit
+    from eva_utils.errors import CheckpointError
+
+    mount = tmp_path / "drive"
+    run = mount / colab.DRIVE_FOLDER / "runs" / "tiny"
+    with pytest.raises(CheckpointError) as error:
+        fit(TINY.replace(epochs=2), out=run, progress=False,
+            on_epoch=lambda row: vanish(run, mount) if row["epoch"] == 1 else None)  # fmt: skip
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"could not save epoch 2: {run} is no longer the run folder")
+    if vanish is _unmount:
+        assert list(mount.iterdir()) == []  # nothing written onto the runtime's own disk
+    elif vanish is _replace_by_a_file:
+        assert run.read_text() == "not a folder"
+    else:
+        assert list(run.iterdir()) == []  # the new folder is not written into, nor removed
+        assert len(json.loads((run.with_name("moved") / METRICS).read_text())["history"]) == 1

@@ -3,6 +3,8 @@ from their configs, and a table."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from PIL import Image
 import eva_utils
 from eva_utils.cli import main
 from eva_utils.results import RecordedRun, comparison_labels, read_recorded_run
+
+from .test_bad_input import good_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 GBN, BN = ROOT / "results" / "session8-h100", ROOT / "results" / "session8-bn-nodropout-h100"
@@ -143,3 +147,14 @@ def test_the_same_run_given_twice_is_refused_in_one_line(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{GBN} is given twice: compare different runs" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_compare_draws_a_run_whose_folder_name_is_not_utf8(tmp_path, capsys):
+    """A folder name with a byte that is no UTF-8 (made on another system): shown escaped in
+    the table and the figure, not a matplotlib traceback."""
+    run = tmp_path / os.fsdecode(b"run-\xff")
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(good_metrics()))
+    assert main(["compare", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("run-\\xff ")
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from eva_utils import runfolder
+from eva_utils.config import Config
 from eva_utils.sweeps import shard
 
-from .conftest import cli_env, run_cli
+from .conftest import cli_env, fake_checkpoint, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIST_TIMEOUT = "30"  # seconds a rank waits in a collective for a peer
@@ -32,11 +33,18 @@ KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
 KILLED_EPOCHS = 20
 
 
-def torchrun(*args: str, cwd: Path, nproc: int = 2, **options) -> subprocess.Popen:
-    """``torchrun --standalone --nproc-per-node NPROC -m eva_utils ARGS`` started in ``cwd``."""
+def torchrun(
+    *args: str,
+    cwd: Path,
+    nproc: int = 2,
+    program: tuple[str, ...] = ("-m", "eva_utils"),
+    **options,
+) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node NPROC -m eva_utils ARGS`` (or another
+    ``program``: a script) started in ``cwd``."""
     env = {**cli_env(), "EVA_DIST_TIMEOUT": DIST_TIMEOUT}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "eva_utils", *args]  # fmt: skip
+               f"--nproc-per-node={nproc}", *program, *args]  # fmt: skip
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **options)  # fmt: skip
 
@@ -291,3 +299,49 @@ def test_sigterm_stops_every_rank_after_a_consistent_checkpoint(tmp_path):
     assert [row["epoch"] for row in saved] == list(range(1, len(saved) + 1))
     assert runfolder.epochs_done(tmp_path / "run") == len(saved)
     assert not (tmp_path / "run" / runfolder.LOCK).exists()
+
+
+# The CLI, with more arguments on rank 1 than on rank 0 (later flags win): ranks started with
+# different commands, as a wrapper script or a mistyped launcher gives them.
+RANK_1_ADDS = """
+import os, sys
+from eva_utils.cli import main
+extra = {extra!r} if os.environ["RANK"] == "1" else []
+sys.exit(main(sys.argv[1:] + extra))
+"""
+
+
+def test_ranks_given_different_settings_stop_before_any_work_naming_rank_and_settings(tmp_path):
+    """Another lr, seed, train_size (the ranks would disagree on the batches per epoch and abort
+    in a collective) and run folder on rank 1: one line from the main process names each."""
+    script = tmp_path / "rank_1_adds.py"
+    extra = ["--lr", "5", "--seed", "7", "--train-size", "64", "--out", "other"]
+    script.write_text(RANK_1_ADDS.format(extra=extra))
+    job = torchrun("train", *ACCEPTANCE, "--norm", "bn", "--out", "run", cwd=tmp_path,
+                   program=(str(script),))  # fmt: skip
+    code, _, err = finish(job, timeout=120)
+    assert code != 0
+    said = [line for line in err.splitlines() if line.startswith("eva8")]
+    assert len(said) == 1, err
+    assert said[0].startswith("eva8: error: rank 1 was started with other settings than rank 0")
+    for shown in (
+        "--lr 0.016 on rank 0, 5.0 on rank 1",
+        "--seed 1 on rank 0, 7 on rank 1",
+        "--train-size 128 on rank 0, 64 on rank 1",
+        "--out run on rank 0, other on",
+    ):
+        assert shown in said[0], said[0]
+    # the first rank to stop refused (exit status 2); none aborted in a collective (SIGABRT)
+    assert "exitcode  : 2 " in err.split("Root Cause")[-1] and "SIGABRT" not in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()
+
+
+def test_a_resume_with_another_recipe_is_refused_once_not_by_every_rank(tmp_path):
+    config = Config(data="synthetic", train_size=128, test_size=64, batch_size=32, epochs=2,
+                    device="cpu", norm="bn", precision="fp32")  # fmt: skip
+    fake_checkpoint(config, tmp_path / "run")
+    job = torchrun("train", "--resume", "run", "--lr", "0.5", "--quiet", cwd=tmp_path)
+    code, _, err = finish(job, timeout=120)
+    assert code != 0
+    said = [line for line in err.splitlines() if line.startswith("eva8")]
+    assert len(said) == 1 and "cannot resume run with another recipe (--lr" in said[0], err

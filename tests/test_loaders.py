@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import logging
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from eva_utils import loaders
+from eva_utils.config import Config
 from eva_utils.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet, balanced_subset, synthetic_cifar10
 from eva_utils.loaders import DeviceLoader, pil_transform, rotate, torchvision_loader
 
@@ -210,3 +213,19 @@ def test_the_same_generator_seed_gives_the_same_batches():
     for a, b in zip(first, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(first[0], other[0])
+
+
+def test_more_workers_than_cores_start_one_per_core_with_a_one_line_note(caplog):
+    """num_workers 64 on a machine of few cores: 64 processes would only queue for the cores,
+    each with its own copy of the data set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    train_set, test_set = synthetic_cifar10(8, 8)
+    config = Config(loader="torchvision", num_workers=cores + 62, batch_size=8)
+    with caplog.at_level(logging.WARNING, logger="eva_utils"):
+        train, test = loaders.build_loaders(
+            config, train_set, test_set, torch.device("cpu"), torch.Generator().manual_seed(0)
+        )
+    assert train.loader.num_workers == test.loader.num_workers == cores
+    notes = [record.getMessage() for record in caplog.records]
+    assert notes == [f"num_workers {cores + 62} is more than the {cores} CPU cores this process "
+                     f"may use: starting {cores} DataLoader workers"]  # fmt: skip

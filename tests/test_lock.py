@@ -154,3 +154,40 @@ def test_a_lock_that_fails_for_another_reason_is_not_ignored(tmp_path, monkeypat
     refuse_flock(monkeypatch, errno.EIO)
     with pytest.raises(OSError, match="Input/output error"):
         RunFolder.open(tmp_path / "run")
+
+
+def test_a_lock_that_is_a_symbolic_link_is_replaced_its_target_never_read_or_written(
+    tmp_path, caplog
+):
+    """A .lock linked to a file outside the run folder: the file keeps its bytes and the
+    takeover note does not show them."""
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("a user's private notes")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK).symlink_to(secret)
+    with caplog.at_level(logging.WARNING, logger="eva_utils"), RunFolder.open(tmp_path / "run"):
+        assert not (tmp_path / "run" / LOCK).is_symlink()
+    assert secret.read_text() == "a user's private notes"
+    assert "private notes" not in caplog.text
+    assert "was a symbolic link: replaced it by a file" in caplog.text
+
+
+def test_a_taken_over_lock_records_its_holder_without_nul_bytes(tmp_path):
+    """The lock file written over a dead holder's is JSON from its first byte, so that the
+    next takeover (a second kill -9) names this process."""
+    (tmp_path / "run").mkdir()
+    stale = {"pid": 4321, "host": "a-closed-laptop", "since": "2026-11-29 10:00:00"}
+    (tmp_path / "run" / LOCK).write_text(json.dumps(stale))
+    with RunFolder.open(tmp_path / "run"):
+        written = (tmp_path / "run" / LOCK).read_bytes()
+    assert b"\0" not in written
+    assert json.loads(written)["pid"] == os.getpid()
+
+
+def test_releasing_the_lock_of_a_replaced_run_folder_leaves_the_new_folder_alone(tmp_path):
+    folder = RunFolder.open(tmp_path / "run")
+    (tmp_path / "run").rename(tmp_path / "moved")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK).write_text("another trainer's lock")
+    folder.close()
+    assert (tmp_path / "run" / LOCK).read_text() == "another trainer's lock"

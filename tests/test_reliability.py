@@ -178,6 +178,14 @@ def test_a_new_run_removes_temporaries_of_a_killed_first_epoch(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
+def test_a_new_run_in_a_users_own_folder_keeps_the_users_tmp_files(tmp_path):
+    """``train --out .`` where the user keeps ``.draft.tmp``: not a temporary of a run's file,
+    so it stays."""
+    (tmp_path / ".draft.tmp").write_text("a user's draft")
+    runfolder.RunFolder.open(tmp_path).close()
+    assert (tmp_path / ".draft.tmp").read_text() == "a user's draft"
+
+
 def test_interrupt_during_the_checkpoint_write_keeps_the_previous_epoch(tmp_path, monkeypatch):
     """SIGTERM lands while last.pt of epoch 2 is being written: the previous last.pt stays,
     the message counts the epochs it really holds, and the resumed run redoes epoch 2."""

@@ -17,7 +17,7 @@ from eva_utils.config import Config, field_flags
 from eva_utils.errors import ConfigError
 from eva_utils.results import PROVENANCE, SWEEP_JSON, recorded_runs, summarize_sweep
 from eva_utils.runfolder import LAST, METRICS, read_metrics, write_metrics
-from eva_utils.sweeps import SWEEP_PNG, plan, sweep
+from eva_utils.sweeps import SWEEP_PLAN, SWEEP_PNG, plan, record_plan, shard, sweep
 from tools.readme import ablation_section
 
 from .conftest import fake_checkpoint, run_cli, write_archive, write_image_folder
@@ -151,6 +151,8 @@ BAD_INPUT = {
     "--seeds 1,,2": "--seeds must be a whole number, got ''",
     "--grid dropout=0 --dropout 0.1": "--dropout and --grid dropout",
     "--grid dropout=0,0.0": "--grid dropout=0,0.0: dropout 0.0 is given twice",
+    "--grid dropout=0 --shard ²/3": "--shard ²/3: give I/N with 1 <= I <= N",
+    "--grid dropout=0 --shard 3/2": "--shard 3/2: give I/N with 1 <= I <= N",
     "--grid augment=crop+flip,flip+crop": "the grid cells augment=crop+flip and augment=flip+crop "
     "are one recipe",
     "--preset fast --grid num_splits=1,2": "the grid cells num_splits=1 and num_splits=2 are one "
@@ -309,3 +311,38 @@ def test_a_foreign_runs_long_label_is_wrapped_and_leaves_the_plot_its_width(tmp_
     axes = figure.axes[0].get_window_extent()
     legend = figure.axes[0].get_legend().get_window_extent()
     assert axes.width > 0.8 * figure.bbox.width and legend.width < axes.width
+
+
+def test_summarize_skips_a_damaged_run_with_its_reason_and_summarises_the_others(tmp_path, capsys):
+    """A metrics.json nested 100,000 deep (RecursionError in the JSON reader) is one run's
+    problem, said in one line; the sweep's other runs are still summarised."""
+    config = get_preset("session8")
+    _record(tmp_path / "a", config.replace(seed=1), [0.80, 0.86])
+    _record(tmp_path / "b", config.replace(seed=2), [0.82, 0.84])
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / METRICS).write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["sweep", "--summarize", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {tmp_path / 'damaged'}: {tmp_path / 'damaged' / METRICS} nests its" in out
+    assert json.loads((tmp_path / SWEEP_JSON).read_text())["cells"][0]["runs"] == ["a", "b"]
+
+
+def test_summarize_names_the_planned_runs_a_shard_left_missing_and_the_runs_not_planned(
+    tmp_path, capsys
+):
+    """Shard 1 of 2 trained with one grid, shard 2 never ran and another grid's run is in the
+    folder: the summary (sweep.json and its lines) names the missing run and the foreign one."""
+    base = get_preset("session8").replace(**TINY)
+    planned = plan(base, {"dropout": [0.0, 0.1]}, [1], tmp_path)
+    record_plan(planned, tmp_path)
+    trained, missing = shard(planned, 1, 2)[0], shard(planned, 2, 2)[0]
+    _record(trained.folder, trained.config, [0.5])
+    foreign = plan(base, {"dropout": [0.3]}, [1], tmp_path)[0]
+    _record(foreign.folder, foreign.config, [0.4])
+    assert main(["sweep", "--summarize", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"missing 1 of the 2 planned runs (first: {missing.folder})" in out
+    assert f"1 runs summarised are not in the plan recorded in {tmp_path / SWEEP_PLAN}" in out
+    summary = json.loads((tmp_path / SWEEP_JSON).read_text())
+    assert summary["missing"] == [missing.folder.name]
+    assert summary["foreign"] == [foreign.folder.name]

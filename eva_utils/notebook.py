@@ -387,7 +387,7 @@ def torchrun_command(config: Config, gpus: int, out: str) -> str:
     )  # fmt: skip
 
 
-# The demo's three runs: what each is, and its arguments to python after the output folder.
+# The demo's three runs: what each is, and its arguments to python ("{folder}": the output folder).
 DEMO_RUNS = (
     ("2 processes with BatchNorm (torchrun)",
      ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -397,7 +397,8 @@ DEMO_RUNS = (
      ["-m", "eva_utils.demo_ranks", "{folder}", "--norm", "bn", "--name", "one-process"]),
 )  # fmt: skip
 # Seconds for each run, and for a rank waiting on the other: a few seconds' work, but on a
-# loaded machine (a test suite beside it, a busy Colab CPU) starting torch alone can take 30 s.
+# loaded machine (a test suite beside it, a busy Colab CPU) importing torch and eva_utils took
+# 16 s (load 7 on 2 cores), and one rank may get there long before the other.
 DEMO_TIMEOUT, DEMO_PEER_TIMEOUT = 600, 180
 
 
@@ -432,6 +433,9 @@ def ranks_and_ghost_batches() -> dict[str, float]:
         }
 
 
+_EXCEPTION = re.compile(r"(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b")
+
+
 def _last_words(stderr: str) -> str:
     """The line of a failed process's ``stderr`` that says why: its last eva8 line or Python
     exception (a rank's, not torchrun's ChildFailedError and banner after it), else its last
@@ -440,6 +444,3 @@ def _last_words(stderr: str) -> str:
     said = [line for line in lines if line.startswith("eva8")
             or (_EXCEPTION.match(line) and "ChildFailedError" not in line)]  # fmt: skip
     return (said or lines or ["no output"])[-1]
-
-
-_EXCEPTION = re.compile(r"(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b")

@@ -43,8 +43,8 @@ from eva_utils.config import PRECISIONS, Config, get_preset
 from eva_utils.data import ImageSet, balanced_subset, load_cifar10, synthetic_cifar10
 from eva_utils.devices import environment, select_device
 from eva_utils.loaders import DeviceLoader, torchvision_loader
-from eva_utils.model import build_model
-from eva_utils.state import TrainingState, build_optimizer
+from eva_utils.recipe import build_model, build_optimizer
+from eva_utils.state import TrainingState
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"

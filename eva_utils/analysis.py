@@ -25,10 +25,10 @@ from .data import ImageSet, load_datasets
 from .errors import CheckpointError, DataError, RunFileError, data_hint, option, train_command
 from .files import atomic_write_text, read_json
 from .loaders import DeviceLoader
-from .model import build_model
 from .plots import plot_confusion_matrix, plot_erf, plot_misclassified, plot_per_class_accuracy
 from .progress import batch_bar
 from .receptive_fields import RFRow, effective_receptive_field, layer_field
+from .recipe import build_model
 from .runfolder import (
     BEST,
     BEST_KEYS,

@@ -168,11 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from .model import build_model, resnet18
+    from .recipe import preset_model
     from .summary import print_summary
 
-    model = resnet18() if args.preset is None else build_model(get_preset(args.preset))
-    print_summary(model)
+    print_summary(preset_model(args.preset))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -307,11 +306,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_rf(args: argparse.Namespace) -> None:
-    from .model import build_model, resnet18
     from .receptive_fields import print_receptive_field
+    from .recipe import preset_model
 
-    model = resnet18() if args.preset is None else build_model(get_preset(args.preset))
-    print_receptive_field(model)
+    print_receptive_field(preset_model(args.preset))
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

@@ -24,8 +24,8 @@ AUGMENTATIONS = ("crop", "flip", "rotate")
 SCHEDULES = ("step", "onecycle")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # what each means: eva_utils.precision
 LOADERS = ("device", "torchvision")
-NORMS = ("bn", "gbn")  # what eva_utils.model.norm_layer builds
-ARCHITECTURES = ("resnet18", "resnet34", "tiny")  # eva_utils.model's networks
+NORMS = ("bn", "gbn")  # what eva_utils.recipe.norm_layer builds
+ARCHITECTURES = ("resnet18", "resnet34", "tiny")  # eva_utils.recipe.NETWORKS
 SYNTHETIC = "synthetic"  # the data source of smoke runs: eva_utils.data.synthetic_cifar10
 
 

@@ -1,8 +1,11 @@
 """ResNet18/34 for 32x32 images, as in kuangliu/pytorch-cifar, with an injectable norm layer.
 
-Differences from the ImageNet ResNet: a 3x3 stride-1 stem and no max-pool, so the four stages
-work at 32, 16, 8 and 4 pixels; a 4x4 average pool feeds one Linear layer. ReLU and pooling are
-functional, so the torchsummary table lists exactly the layers the assignment's table lists.
+The notebook's section 4 shows this file. Differences from the ImageNet ResNet: a 3x3 stride-1
+stem and no max-pool, so the four stages work at 32, 16, 8 and 4 pixels; a 4x4 average pool
+feeds one Linear layer. ReLU and pooling are functional, so the torchsummary table lists exactly
+the layers the assignment's table lists. Like torchvision's ``resnet.py`` this file needs torch
+alone: copy it into a project of your own and ``resnet18(norm_layer=...)`` takes any norm layer
+(:mod:`eva_utils.recipe` builds the recipe's, Ghost BatchNorm, from a config).
 """
 
 from __future__ import annotations
@@ -13,16 +16,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import NORMS, Config, choice_problem, fraction_problem, refuse
-from .gbn import GhostBatchNorm2d
-
-NormLayer = Callable[[int], nn.Module]
-
-
-def norm_layer(norm: str = "bn", num_splits: int = 2) -> NormLayer:
-    """The constructor for a norm slot: ``"bn"`` (BatchNorm2d) or ``"gbn"`` (GhostBatchNorm2d)."""
-    refuse(choice_problem("norm", norm, NORMS))
-    return nn.BatchNorm2d if norm == "bn" else partial(GhostBatchNorm2d, num_splits=num_splits)
+NormLayer = Callable[[int], nn.Module]  # num_features -> a norm layer (nn.BatchNorm2d's shape)
 
 
 class BasicBlock(nn.Module):
@@ -76,7 +70,8 @@ class ResNet(nn.Module):
         width: int = 64,
     ) -> None:
         super().__init__()
-        refuse(fraction_problem("dropout", dropout))
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_planes = width
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = norm_layer(width)
@@ -105,42 +100,28 @@ class ResNet(nn.Module):
 
 
 def resnet18(
-    num_classes: int = 10, norm: str = "bn", num_splits: int = 2, dropout: float = 0.0
+    num_classes: int = 10, norm_layer: NormLayer = nn.BatchNorm2d, dropout: float = 0.0
 ) -> ResNet:
-    """pytorch-cifar's ResNet18: 11,173,962 parameters for 10 classes, with either norm."""
-    return ResNet((2, 2, 2, 2), num_classes, norm_layer(norm, num_splits), dropout)
+    """pytorch-cifar's ResNet18: 11,173,962 parameters for 10 classes, with any norm layer."""
+    return ResNet((2, 2, 2, 2), num_classes, norm_layer, dropout)
 
 
 def resnet34(
-    num_classes: int = 10, norm: str = "bn", num_splits: int = 2, dropout: float = 0.0
+    num_classes: int = 10, norm_layer: NormLayer = nn.BatchNorm2d, dropout: float = 0.0
 ) -> ResNet:
     """pytorch-cifar's ResNet34: 21,282,122 parameters for 10 classes."""
-    return ResNet((3, 4, 6, 3), num_classes, norm_layer(norm, num_splits), dropout)
+    return ResNet((3, 4, 6, 3), num_classes, norm_layer, dropout)
 
 
 def resnet_tiny(
-    num_classes: int = 10, norm: str = "bn", num_splits: int = 2, dropout: float = 0.0
+    num_classes: int = 10, norm_layer: NormLayer = nn.BatchNorm2d, dropout: float = 0.0
 ) -> ResNet:
     """Not the assignment's network: the same blocks, norm layers and dropout, one block a stage
     at a quarter of the width (16 to 128 channels): 308,826 parameters for 10 classes and 16
     million multiply-adds an image, a 34th of ResNet18's 555 million. For checks of the training
     machinery (resume, locks, signals, ranks) that take seconds on a CPU; nothing it learns
     says anything about ResNet18."""
-    return ResNet((1, 1, 1, 1), num_classes, norm_layer(norm, num_splits), dropout, width=16)
-
-
-ARCHITECTURES: dict[str, Callable[..., ResNet]] = {
-    "resnet18": resnet18, "resnet34": resnet34, "tiny": resnet_tiny,
-}  # fmt: skip
-
-
-def build_model(config: Config, num_classes: int = 10) -> ResNet:
-    """The config's network (GBN and dropout included when the config says so)."""
-    refuse(choice_problem("arch", config.arch, tuple(ARCHITECTURES)))
-    build = ARCHITECTURES[config.arch]
-    return build(
-        num_classes, norm=config.norm, num_splits=config.num_splits, dropout=config.dropout
-    )
+    return ResNet((1, 1, 1, 1), num_classes, norm_layer, dropout, width=16)
 
 
 def count_parameters(model: nn.Module) -> int:

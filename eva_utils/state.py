@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from .config import Config, ghost_batch_problem, refuse
 from .data import ImageSet, load_datasets
@@ -18,9 +17,9 @@ from .devices import select_device
 from .engine import test, train
 from .errors import CheckpointError, option, spelled
 from .loaders import build_loaders
-from .model import build_model
 from .precision import choose_precision
 from .ranks import Ranks
+from .recipe import build_model, build_optimizer, build_scheduler
 from .runfolder import LAST, check_classes, load_weights
 from .step import Step, cross_entropy
 
@@ -30,38 +29,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def build_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
-    """SGD; with ``decay_norm_bias=False`` norm weights and biases (1-d tensors) get no decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.decay_norm_bias:
-        groups = [{"params": params, "weight_decay": config.weight_decay}]
-    else:
-        groups = [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """StepLR (stepped once per epoch) or OneCycleLR over the whole run (stepped per batch)."""
-    if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=config.lr,
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        pct_start=config.warmup,
-        anneal_strategy="linear",
-        div_factor=10.0,
-        final_div_factor=100.0,
-        cycle_momentum=False,
-    )
 
 
 class TrainingState:

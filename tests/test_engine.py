@@ -15,7 +15,7 @@ from eva_utils.devices import select_device
 from eva_utils.loaders import DeviceLoader
 from eva_utils.model import resnet_tiny
 from eva_utils.precision import Hardware
-from eva_utils.state import build_optimizer, build_scheduler
+from eva_utils.recipe import build_optimizer, build_scheduler, norm_layer
 
 from .conftest import random_batch
 
@@ -27,7 +27,7 @@ CPU_BF16 = Hardware.of(torch.device("cpu")).cpu_bf16
 
 def test_one_sgd_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = resnet18(norm="gbn", dropout=0.0)
+    model = resnet18(norm_layer=norm_layer("gbn"))
     images, labels = random_batch(16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.016, momentum=0.9)
     model.train()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eva_utils import GhostBatchNorm2d, resnet18
+from eva_utils.recipe import norm_layer
 
 
 def reference(x, gbn: GhostBatchNorm2d, num_splits: int):
@@ -96,9 +97,9 @@ def test_state_dict_has_batchnorm2d_keys_and_shapes():
 
 
 def test_gbn_trained_checkpoint_loads_into_a_plain_bn_resnet18():
-    trained = resnet18(norm="gbn").train()
+    trained = resnet18(norm_layer=norm_layer("gbn")).train()
     trained(torch.randn(4, 3, 32, 32))  # move the running stats
-    plain = resnet18(norm="bn")
+    plain = resnet18()
     plain.load_state_dict(trained.state_dict())  # strict: same keys and shapes
     trained.eval(), plain.eval()
     x = torch.randn(2, 3, 32, 32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import subprocess
 import sys
@@ -13,16 +14,17 @@ import torchsummary
 from torch import nn
 
 from eva_utils import GhostBatchNorm2d, count_parameters, resnet18, resnet34, summary
-from eva_utils.config import get_preset
-from eva_utils.model import build_model, resnet_tiny
+from eva_utils.config import ARCHITECTURES, get_preset
+from eva_utils.model import resnet_tiny
+from eva_utils.recipe import NETWORKS, build_model, norm_layer
 
 ASSIGNMENT_TABLE = (Path(__file__).parent / "data" / "assignment_summary.txt").read_text()
 
 
 @pytest.mark.parametrize("norm", ["bn", "gbn"])
 def test_resnet18_has_the_pytorch_cifar_parameter_count(norm):
-    assert count_parameters(resnet18(norm=norm)) == 11_173_962
-    assert count_parameters(resnet18(norm=norm, dropout=0.1)) == 11_173_962
+    assert count_parameters(resnet18(norm_layer=norm_layer(norm))) == 11_173_962
+    assert count_parameters(resnet18(norm_layer=norm_layer(norm), dropout=0.1)) == 11_173_962
 
 
 def test_resnet34_has_the_pytorch_cifar_parameter_count():
@@ -81,7 +83,7 @@ def test_session8_model_really_has_gbn_and_dropout():
 @pytest.mark.parametrize("training", [True, False])
 def test_summary_leaves_the_model_state_untouched(training):
     """Printing the summary used to run a training-mode forward pass that moved the BN stats."""
-    model = resnet18(norm="gbn", dropout=0.1).train(training)
+    model = resnet18(norm_layer=norm_layer("gbn"), dropout=0.1).train(training)
     before = copy.deepcopy(model.state_dict())
     rng_before = torch.get_rng_state()
     summary(model)
@@ -109,4 +111,41 @@ def test_zero_dropout_adds_no_module():
 
 def test_unknown_norm_is_rejected():
     with pytest.raises(ValueError, match="norm must be bn or gbn"):
-        resnet18(norm="layer")
+        norm_layer("layer")
+
+
+def test_every_architecture_the_config_accepts_is_a_network_of_the_recipe():
+    assert tuple(NETWORKS) == ARCHITECTURES
+
+
+def test_dropout_outside_zero_to_one_is_rejected():
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        resnet18(dropout=1.5)
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "eva_utils"
+
+
+@pytest.mark.parametrize("name", ["model.py", "gbn.py"])
+def test_the_teaching_files_import_nothing_from_the_package(name):
+    tree = ast.parse((PACKAGE / name).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                if node.level > 0 or (node.module or "").startswith("eva_utils")]  # fmt: skip
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names if alias.name.startswith("eva_utils")]  # fmt: skip
+    assert imported == []
+
+
+def test_the_teaching_files_copied_alone_build_the_assignments_network(tmp_path):
+    """model.py and gbn.py as a student copies them: two files in a folder, no eva_utils."""
+    for name in ("model.py", "gbn.py"):
+        (tmp_path / name).write_text((PACKAGE / name).read_text())
+    script = (
+        "from functools import partial; import model, gbn\n"
+        "net = model.resnet18(norm_layer=partial(gbn.GhostBatchNorm2d, num_splits=2))\n"
+        "print(sum(p.numel() for p in net.parameters()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "11173962"

@@ -26,7 +26,7 @@ from eva_utils import notebook, pretrained, runfolder
 from eva_utils.config import get_preset
 from eva_utils.data import CIFAR10_CLASSES
 from eva_utils.errors import CheckpointError
-from eva_utils.model import build_model
+from eva_utils.recipe import build_model
 
 from .conftest import ROOT, cli_env
 

@@ -24,6 +24,7 @@ from eva_utils.receptive_fields import (
     layer_field,
     receptive_field,
 )
+from eva_utils.recipe import norm_layer
 
 
 def three_convs(padding: int) -> nn.Sequential:
@@ -158,7 +159,7 @@ def test_resnet18_flags_the_first_layer_that_sees_the_whole_image():
 
 def test_receptive_field_leaves_model_and_rng_unchanged():
     torch.manual_seed(3)
-    model = resnet18(norm="gbn").train()
+    model = resnet18(norm_layer=norm_layer("gbn")).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     receptive_field(model)

@@ -106,3 +106,13 @@ def test_reading_results_imports_no_training_code(module):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     ).stdout.strip()
     assert loaded == ""
+
+
+def test_the_package_docstring_names_every_module_in_its_reading_order():
+    import eva_utils
+
+    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert {name for name in modules if f"``{name}" not in eva_utils.__doc__} == set()
+    teaching = ["model.py", "gbn.py", "recipe.py", "data.py", "engine.py", "training.py"]
+    places = [eva_utils.__doc__.index(f"``{name}``") for name in teaching]
+    assert places == sorted(places)

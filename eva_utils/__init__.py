@@ -17,8 +17,8 @@ The rest is machinery a lesson need not read: the run folder and its files (``ru
 ``state``, ``files``, ``locks``, ``archives``, ``signals``), hardware and speed (``devices``,
 ``precision``, ``ranks`` and ``demo_ranks`` of section 11), the command line (``cli``,
 ``sweeps``, ``summary``, ``progress``, ``errors``), and the notebooks' helpers (``notebook``,
-``colab``, ``pretrained``, ``receptive_fields`` for ``receptive_fields.ipynb``). Only
-``config.py`` is imported by nearly everything: every hyperparameter is a field of its
+``lesson``, ``colab``, ``pretrained``; ``receptive_fields`` for ``receptive_fields.ipynb``).
+Only ``config.py`` is imported by nearly everything: every hyperparameter is a field of its
 ``Config``.
 
 Importing the package touches no disk, network or device, and imports nothing heavy: each name
@@ -48,9 +48,9 @@ _EXPORTS = {
 }  # fmt: skip
 _SUBMODULES = (
     "analysis", "archives", "cli", "colab", "config", "data", "devices", "engine", "errors",
-    "files", "gbn", "loaders", "locks", "model", "notebook", "plots", "pretrained", "progress",
-    "ranks", "receptive_fields", "recipe", "results", "runfolder", "signals", "state", "step",
-    "summary", "sweeps", "training",
+    "files", "gbn", "lesson", "loaders", "locks", "model", "notebook", "plots", "pretrained",
+    "progress", "ranks", "receptive_fields", "recipe", "results", "runfolder", "signals",
+    "state", "step", "summary", "sweeps", "training",
 )  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

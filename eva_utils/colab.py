@@ -1,11 +1,15 @@
-"""Colab: whether the notebook runs there, and run folders on Google Drive that outlive the
-runtime.
+"""Colab and Kaggle: whether the notebook runs there, run folders on Google Drive that outlive
+a Colab runtime, and a CIFAR-10 added to a Kaggle notebook as its input.
 
 A rerun continues a run from its run folder, but only while the folder exists: when Colab
 recycles a runtime (idle, usage limits), ``/content`` goes with it. With the notebook's
 ``KEEP_ON_DRIVE = True`` the run folders live on Google Drive instead, mounted at
 ``/content/drive`` (``EVA_DRIVE_MOUNT`` names another mount point), so that a new runtime finds
 the last epoch saved there.
+
+On Kaggle the setup cell clones the repository into ``/kaggle/working`` (whose files Kaggle keeps
+with the notebook's version), so the run folders are there too; a data set added with *Add
+Input* lies under ``/kaggle/input`` (``EVA8_KAGGLE_INPUT`` names another folder), read-only.
 """
 
 from __future__ import annotations
@@ -22,8 +26,37 @@ DRIVE_FOLDER = Path("MyDrive") / "eva8"  # the project's folder in the student's
 PARAMETER = "KEEP_ON_DRIVE"  # the notebook's name for the switch
 
 
+KAGGLE_INPUT = "/kaggle/input"
+KAGGLE_INPUT_ENV = "EVA8_KAGGLE_INPUT"
+KAGGLE_GPU_ADVICE = (
+    "WARNING: this Kaggle notebook has no GPU, training will be very slow. Choose "
+    "Settings > Accelerator > GPU T4 x2, then Run All."
+)
+
+
 def in_colab() -> bool:
     return "google.colab" in sys.modules
+
+
+def in_kaggle() -> bool:
+    """Kaggle's kernels say so in their environment (Interactive, or Batch for a saved run)."""
+    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ
+
+
+def kaggle_data() -> Path | None:
+    """A CIFAR-10 among the Kaggle notebook's inputs: the first (by name) ``.tar.gz`` named
+    like cifar10, or folder with ``train/`` and ``test/`` class folders, at most three levels
+    under ``/kaggle/input``; None if there is none."""
+    root = Path(os.environ.get(KAGGLE_INPUT_ENV) or KAGGLE_INPUT)
+    found = []
+    for depth in ("*", "*/*", "*/*/*"):
+        for path in sorted(root.glob(depth)):
+            cifar = "cifar" in path.name.lower() and path.name.endswith((".tar.gz", ".tgz"))
+            if cifar or ((path / "train").is_dir() and (path / "test").is_dir()):
+                found.append(path)
+        if found:
+            return found[0]
+    return None
 
 
 def drive_mount() -> Path:

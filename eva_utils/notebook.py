@@ -14,11 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
-import re
-import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import typing
 from pathlib import Path
@@ -27,8 +23,15 @@ import torch
 from torch import Tensor
 
 from . import analysis, pretrained
-from .colab import DRIVE_MOUNT_ENV, in_colab, runs_on_drive
-from .config import Config, field_flags, get_preset, parse_field, preset_name, recipe_name
+from .colab import (
+    DRIVE_MOUNT_ENV,
+    KAGGLE_GPU_ADVICE,
+    in_colab,
+    in_kaggle,
+    kaggle_data,
+    runs_on_drive,
+)
+from .config import Config, get_preset, parse_field, preset_name, recipe_name
 from .data import CIFAR10_CLASSES, SYNTHETIC, ImageSet, load_datasets
 from .devices import describe, select_device
 from .errors import ConfigError, DataError, EvaError
@@ -59,22 +62,43 @@ def smoke_mode() -> bool:
     return os.environ.get(SMOKE_ENV) == "1"
 
 
-def device_report(name: str = "auto", precision: str = "auto", channels_last: bool = True) -> str:
+def device_report(
+    name: str = "auto", precision: str = "auto", channels_last: bool = True, advice: bool = True
+) -> str:
     """'Device: ...' with the GPU (and its compute capability) or CPU name and the precision
-    training will use, and advice when Colab runs without a GPU."""
+    training will use; with ``advice``, what to do when Colab or Kaggle runs without a GPU."""
     device = select_device(name)
     report = f"Device: {describe(device, choose_precision(device, precision, channels_last))}"
+    if not advice:
+        return report
     if slow := emulation_note(device, precision):
         report += "\n" + slow
-    if in_colab() and device.type != "cuda":
-        report += "\n" + COLAB_GPU_ADVICE
+    if device.type != "cuda" and (in_colab() or in_kaggle()):
+        report += "\n" + (COLAB_GPU_ADVICE if in_colab() else KAGGLE_GPU_ADVICE)
     return report
+
+
+# The lesson's run, about 5 minutes: on a GPU 10 epochs of all the data (an estimate for a T4,
+# not yet measured), on a CPU 3 epochs of 5,000 images (make notebook-outputs, on 2 cores).
+LESSON_GPU = {"epochs": 10, "train_size": None, "test_size": None}
+LESSON_CPU = {"epochs": 3, "train_size": 5000, "test_size": 1000}
+ASSIGNMENT = {"epochs": 30, "train_size": None, "test_size": None}
+
+
+def run_size(lesson: bool = True, device: str = "auto") -> dict[str, int | None]:
+    """The parameter cell's ``LESSON``: epochs and data sizes for a lesson-sized run on the
+    device that will train, or (``lesson=False``) the assignment's 30 epochs of everything."""
+    if not lesson:
+        return dict(ASSIGNMENT)
+    return dict(LESSON_CPU if select_device(device).type == "cpu" else LESSON_GPU)
 
 
 def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
     """The preset with the parameter cell's ``values``, then any environment overrides."""
     for name, value in values.items():
         check_type(name, value)
+    if "data" in values and values["data"] is None and in_kaggle():
+        values["data"] = _kaggle_input()
     config = get_preset(preset).replace(**values)
     variables = _override_variables()
     overrides = {name: parse_field(name, os.environ[v], source=v) for v, name in variables.items()}
@@ -90,6 +114,16 @@ def notebook_config(preset: str = "session8", **values: typing.Any) -> Config:
             raise
         given = ", ".join(f"{v}={os.environ[v]}" for v in variables)
         raise ConfigError(f"{error} (the environment sets {given})") from None
+
+
+def _kaggle_input() -> str | None:
+    """On Kaggle, ``DATA = None`` means a CIFAR-10 added as the notebook's input, if any."""
+    found = kaggle_data()
+    if found is None:
+        print("Kaggle: no CIFAR-10 among this notebook's inputs, so it downloads (Internet on)")
+        return None
+    print(f"Kaggle: CIFAR-10 from this notebook's input {found}")
+    return str(found)
 
 
 _KINDS = {int: "a whole number", float: "a number", bool: "True or False", str: "text",
@@ -291,7 +325,15 @@ def gallery_model(own_run: str | Path, config: Config) -> analysis.TrainedModel:
     """The model whose mistakes the main notebook shows: the trained reference model where this
     machine has it and the data is real CIFAR-10, else the notebook's own run. Prints which."""
     reference = reference_model() if config.data != SYNTHETIC else None
-    return reference if reference is not None else trained_or_untrained(own_run)
+    if reference is not None:
+        return reference
+    own = trained_or_untrained(own_run)
+    print(
+        f"not the trained reference model: a run of {config.epochs} epoch(s) on "
+        f"{config.train_size or 'all the'} training images, so expect mistakes a trained "
+        "network would not make, between classes that look nothing alike"
+    )
+    return own
 
 
 def analysis_test_set(
@@ -364,83 +406,3 @@ def history_table(history: list[dict]) -> str:
             f"{row['seconds']:>7.1f}"
         )
     return "\n".join(lines)
-
-
-# --- several GPUs --------------------------------------------------------------------------------
-
-
-def torchrun_command(config: Config, gpus: int, out: str) -> str:
-    """The shell command that trains ``config``'s recipe on ``gpus`` GPUs of this machine
-    into ``out``: one process per GPU, the same global batch, and Ghost BatchNorm's splits
-    divided among the GPUs where they divide (each GPU's BatchNorm already normalises its own
-    slice of the batch), so that the run normalises over the same ghost batches as one GPU."""
-    gpus, preset = max(gpus, 1), get_preset("session8")
-    if config.norm == "gbn" and config.num_splits % gpus == 0:
-        config = config.replace(num_splits=config.num_splits // gpus)
-    # every field the recipe changes, but the device: each process takes its own GPU
-    changed = [name for name, value in config.items()
-               if name != "device" and value != getattr(preset, name)]  # fmt: skip
-    flags = field_flags(config, changed)
-    return shlex.join(
-        ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "eva_utils", "train",
-         "--out", out, *flags]
-    )  # fmt: skip
-
-
-# The demo's three runs: what each is, and its arguments to python ("{folder}": the output folder).
-DEMO_RUNS = (
-    ("2 processes with BatchNorm (torchrun)",
-     ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-      "-m", "eva_utils.demo_ranks", "{folder}"]),
-    ("1 process with Ghost BatchNorm", ["-m", "eva_utils.demo_ranks", "{folder}", "--norm", "gbn"]),
-    ("1 process with BatchNorm",
-     ["-m", "eva_utils.demo_ranks", "{folder}", "--norm", "bn", "--name", "one-process"]),
-)  # fmt: skip
-# Seconds for each run, and for a rank waiting on the other: a few seconds' work, but on a
-# loaded machine (a test suite beside it, a busy Colab CPU) importing torch and eva_utils took
-# 16 s (load 7 on 2 cores), and one rank may get there long before the other.
-DEMO_TIMEOUT, DEMO_PEER_TIMEOUT = 600, 180
-
-
-def ranks_and_ghost_batches() -> dict[str, float]:
-    """Train the small network of :mod:`eva_utils.demo_ranks` on two CPU processes with
-    BatchNorm, in one process with Ghost BatchNorm of 2 splits, and in one process with plain
-    BatchNorm; returns the largest difference of the first from each of the others ("ghost",
-    "plain"), weights and running statistics included. A run that fails raises an
-    :class:`EvaError` naming the run and its last words."""
-    from .demo_ranks import compare
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EVA_DIST_TIMEOUT": str(DEMO_PEER_TIMEOUT)}
-    with tempfile.TemporaryDirectory() as folder:
-        for what, args in DEMO_RUNS:
-            command = [sys.executable, *(arg.format(folder=folder) for arg in args)]
-            try:
-                done = subprocess.run(command, env=env, capture_output=True, text=True,
-                                      timeout=DEMO_TIMEOUT)  # fmt: skip
-            except subprocess.TimeoutExpired:
-                raise EvaError(
-                    f"the two-process demo failed: {what} did not finish in {DEMO_TIMEOUT} s"
-                ) from None
-            if done.returncode != 0:
-                raise EvaError(
-                    f"the two-process demo failed: {what} exited with code {done.returncode} "
-                    f"({_last_words(done.stderr)})"
-                )
-        ranks = Path(folder) / "bn.pt"
-        return {
-            "ghost": compare(ranks, Path(folder) / "gbn.pt"),
-            "plain": compare(ranks, Path(folder) / "one-process.pt"),
-        }
-
-
-_EXCEPTION = re.compile(r"(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b")
-
-
-def _last_words(stderr: str) -> str:
-    """The line of a failed process's ``stderr`` that says why: its last eva8 line or Python
-    exception (a rank's, not torchrun's ChildFailedError and banner after it), else its last
-    line."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip().strip("=-")]
-    said = [line for line in lines if line.startswith("eva8")
-            or (_EXCEPTION.match(line) and "ChildFailedError" not in line)]  # fmt: skip
-    return (said or lines or ["no output"])[-1]

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from .config import TARGET_ACCURACY
@@ -34,14 +34,7 @@ def _epochs(history: History) -> list[int]:
 def plot_loss(history: History, title: str = "Validation loss") -> Figure:
     """Test (validation) loss per epoch, with the training loss for comparison."""
     fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    epochs = _epochs(history)
-    ax.plot(epochs, [r["test_loss"] for r in history], "o-", label="validation (test) loss")
-    ax.plot(epochs, [r["train_loss"] for r in history], "--", color="grey", label="training loss")
-    ax.set(xlabel="epoch", ylabel="cross-entropy loss (mean per image)")
-    ax.set_title(title, fontsize=10 if "\n" in title else None)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _draw_loss(fig.add_subplot(), history, title)
     return fig
 
 
@@ -50,7 +43,30 @@ def plot_accuracy(
 ) -> Figure:
     """Test (validation) accuracy per epoch in percent, the target line and the best epoch."""
     fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
+    _draw_accuracy(fig.add_subplot(), history, title, target)
+    return fig
+
+
+def plot_curves(history: History) -> Figure:
+    """The loss and the accuracy side by side: the notebook's curves while a run trains."""
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    loss, accuracy = fig.subplots(1, 2)
+    _draw_loss(loss, history, "Loss")
+    _draw_accuracy(accuracy, history, "Accuracy", TARGET_ACCURACY)
+    return fig
+
+
+def _draw_loss(ax: Axes, history: History, title: str) -> None:
+    epochs = _epochs(history)
+    ax.plot(epochs, [r["test_loss"] for r in history], "o-", label="validation (test) loss")
+    ax.plot(epochs, [r["train_loss"] for r in history], "--", color="grey", label="training loss")
+    ax.set(xlabel="epoch", ylabel="cross-entropy loss (mean per image)")
+    ax.set_title(title, fontsize=10 if "\n" in title else None)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _draw_accuracy(ax: Axes, history: History, title: str, target: float) -> None:
     epochs = _epochs(history)
     test_acc = [100 * r["test_acc"] for r in history]
     ax.plot(epochs, test_acc, "o-", label="validation (test) accuracy")
@@ -67,7 +83,6 @@ def plot_accuracy(
     ax.set_title(title, fontsize=10 if "\n" in title else None)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    return fig
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -208,7 +223,6 @@ def plot_sweep(
                             [m + s for m, s in zip(mean, spread)], color=line.get_color(),
                             alpha=0.2, linewidth=0)  # fmt: skip
     ax.axhline(100 * target, color="tab:red", linestyle=":", label=f"target {target:.0%}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="validation (test) accuracy (%), mean over seeds")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

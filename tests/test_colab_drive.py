@@ -35,7 +35,7 @@ def test_the_parameter_cell_keeps_runs_in_the_runtime_by_default():
 # The cells of the main notebook that a resumed run needs, as Colab runs them: the setup cell,
 # the parameters (KEEP_ON_DRIVE switched on), the run folder, the data and the training cell.
 NEEDED = ("import eva_utils", "KEEP_ON_DRIVE =", "notebook.run_folder(", "load_datasets(",
-          "eva_utils.fit(")  # fmt: skip
+          "lesson.train(")  # fmt: skip
 
 
 def drive_notebook(path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The notebook's two-process demo (``notebook.ranks_and_ghost_batches``) when a run fails: one
+"""The main notebook's two-process demo (``lesson.ranks_and_ghost_batches``) when a run fails: one
 line naming the run and why, never a traceback of the subprocess call. (The demo itself runs in
 the main notebook under nbval and as in Colab: tests/test_notebooks.py.)"""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from eva_utils import notebook
+from eva_utils import lesson
 from eva_utils.errors import EvaError
 
 TORCHRUN_TAIL = """\
@@ -31,9 +31,9 @@ def fail_with(stderr: str, code: int = 1) -> list[str]:
 
 def test_a_failed_run_is_named_with_its_exit_code_and_the_ranks_error(monkeypatch):
     runs = [("1 process with BatchNorm", fail_with(TORCHRUN_TAIL))]
-    monkeypatch.setattr(notebook, "DEMO_RUNS", runs)
+    monkeypatch.setattr(lesson, "DEMO_RUNS", runs)
     with pytest.raises(EvaError) as error:
-        notebook.ranks_and_ghost_batches()
+        lesson.ranks_and_ghost_batches()
     assert str(error.value) == (
         "the two-process demo failed: 1 process with BatchNorm exited with code 1 "
         "([rank1]: torch.distributed.DistBackendError: wait timeout after 60000ms, keys: "
@@ -43,17 +43,17 @@ def test_a_failed_run_is_named_with_its_exit_code_and_the_ranks_error(monkeypatc
 
 def test_a_run_that_says_nothing_useful_is_named_by_its_last_line(monkeypatch):
     runs = [("2 processes", fail_with("starting\nthe peer went away\n=====\n", code=3))]
-    monkeypatch.setattr(notebook, "DEMO_RUNS", runs)
+    monkeypatch.setattr(lesson, "DEMO_RUNS", runs)
     with pytest.raises(EvaError, match=r"2 processes exited with code 3 \(the peer went away\)$"):
-        notebook.ranks_and_ghost_batches()
+        lesson.ranks_and_ghost_batches()
 
 
 def test_a_run_past_its_time_is_one_line_not_a_traceback(monkeypatch):
     sleeper = ("2 processes", ["-c", "import time; time.sleep(30)"])
-    monkeypatch.setattr(notebook, "DEMO_RUNS", [sleeper])
-    monkeypatch.setattr(notebook, "DEMO_TIMEOUT", 1)
+    monkeypatch.setattr(lesson, "DEMO_RUNS", [sleeper])
+    monkeypatch.setattr(lesson, "DEMO_TIMEOUT", 1)
     with pytest.raises(EvaError) as error:
-        notebook.ranks_and_ghost_batches()
+        lesson.ranks_and_ghost_batches()
     assert str(error.value) == "the two-process demo failed: 2 processes did not finish in 1 s"
     assert error.value.__suppress_context__
 
@@ -67,7 +67,7 @@ def test_the_demo_gives_a_slow_peer_minutes_not_the_default_seconds(monkeypatch)
         seen.update(env)
         raise SystemExit  # stop after the first run
 
-    monkeypatch.setattr(notebook.subprocess, "run", record)
+    monkeypatch.setattr(lesson.subprocess, "run", record)
     with pytest.raises(SystemExit):
-        notebook.ranks_and_ghost_batches()
+        lesson.ranks_and_ghost_batches()
     assert seen["OMP_NUM_THREADS"] == "1" and float(seen["EVA_DIST_TIMEOUT"]) >= 120

@@ -231,17 +231,37 @@ def colab_environment(tmp_path: Path, repository: str) -> dict[str, str]:
     (stub / "google" / "colab" / "__init__.py").write_text('"""A stand-in for Colab."""\n')
     (stub / "google" / "colab" / "drive.py").write_text(FAKE_DRIVE)
     (stub / "sitecustomize.py").write_text("import google.colab  # noqa: F401\n")
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("EVA_", "PIP_", "PYTHON"))}
-    return keep | {
+    return hosted_environment(tmp_path, repository, tmp_path / "content" / "eva8") | {
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(stub)]),
+        "EVA_DRIVE_MOUNT": str(tmp_path / "content" / "drive"),
+        "FAKE_GOOGLE_DRIVE": str(tmp_path / "google-drive"),
+    }
+
+
+def kaggle_environment(tmp_path: Path, repository: str) -> dict[str, str]:
+    """A kernel environment as Kaggle's, offline: ``KAGGLE_KERNEL_RUN_TYPE`` set, as in every
+    Kaggle kernel; ``tmp_path / "kaggle"`` stands for ``/kaggle``, its ``working`` folder holding
+    the clone and its ``input`` folder the notebook's added data sets."""
+    return hosted_environment(tmp_path, repository, tmp_path / "kaggle" / "working" / "eva8") | {
+        "KAGGLE_KERNEL_RUN_TYPE": "Interactive",
+        "EVA8_KAGGLE_INPUT": str(tmp_path / "kaggle" / "input"),
+    }
+
+
+def hosted_environment(tmp_path: Path, repository: str, clone: Path) -> dict[str, str]:
+    """What Colab's and Kaggle's stand-ins share: the setup cell clones ``repository`` into
+    ``clone``, and pip installs it into ``tmp_path / "site"`` (no dependencies: the hosts have
+    them), never into this environment; smoke mode, and no download of the trained model."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("EVA_", "PIP_", "PYTHON"))}
+    keep = {k: v for k, v in keep.items() if not k.startswith("KAGGLE_")}
+    return keep | {
+        "PYTHONPATH": str(tmp_path / "site"),
         "PIP_TARGET": str(tmp_path / "site"),
         "PIP_NO_DEPS": "1",
         "PIP_NO_INDEX": "1",
         "PIP_NO_BUILD_ISOLATION": "0",  # pip's spelling of --no-build-isolation
         "EVA8_REPOSITORY": repository,
-        "EVA8_CLONE": str(tmp_path / "content" / "eva8"),
-        "EVA_DRIVE_MOUNT": str(tmp_path / "content" / "drive"),
-        "FAKE_GOOGLE_DRIVE": str(tmp_path / "google-drive"),
+        "EVA8_CLONE": str(clone),
         "EVA_SMOKE": "1",
         "EVA_PRETRAINED_URL": (tmp_path / "no-such-asset.pt").as_uri(),
         "TORCH_HOME": str(tmp_path / "torch"),
@@ -306,3 +326,24 @@ def test_a_parameter_of_the_wrong_type_is_one_config_error(name, value, says):
     with pytest.raises(ConfigError) as error:
         notebook.notebook_config(**{name: value})
     assert str(error.value).startswith(says) and "\n" not in str(error.value)
+
+
+def test_both_notebooks_set_up_with_the_same_clone_and_install():
+    """The setup cell runs before eva_utils can be imported, so it cannot call the library: the
+    two notebooks carry one copy each, and they must not drift apart."""
+    setups = [code_cells(path)[0].source for path in NOTEBOOKS]
+    shared = [setup[: setup.index("import eva_utils\n")] for setup in setups]
+    assert len(NOTEBOOKS) == 2 and shared[0] == shared[1]
+    assert "KAGGLE_KERNEL_RUN_TYPE" in shared[0] and '"google.colab" in sys.modules' in shared[0]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_each_notebook_has_a_colab_and_a_kaggle_badge(path):
+    slug = REPOSITORY.removeprefix("https://github.com/")
+    title = nbformat.read(path, 4).cells[0].source
+    address = f"github/{slug}/blob/main/notebooks/{path.name}"
+    assert f"colab.research.google.com/{address}" in title
+    assert (
+        f"kaggle.com/kernels/welcome?src=https://github.com/{slug}/blob/main/notebooks/{path.name}"
+        in title
+    )

@@ -59,6 +59,7 @@ def pytest_configure(config):
 LONG_FILES = (
     "tests/test_distributed.py", "tests/test_real_data.py", "tests/test_resume.py",
     "tests/test_engine.py", "tests/test_reliability.py", "tests/test_notebooks.py",
+    "tests/test_hosts.py", "tests/test_lesson.py",
     "tests/test_cli.py", "tests/test_lock.py", "tests/test_fast_path.py",
     "tests/test_run_integrity.py", "tests/test_first_contact.py", "tests/test_same_history.py",
     "tests/test_full_disk.py", "tests/test_data_identity.py", "tests/test_colab_drive.py",

@@ -333,6 +333,18 @@ def lock_holder(folder: Path) -> int | None:
         return None
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter (R running, S sleeping, Z a zombie...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _states(pids: list[int]) -> str:
+    return ", ".join(f"pid {pid} state {_state(pid)}" for pid in pids) or "none alive"
+
+
 def lock_is_free(folder: Path) -> bool:
     import fcntl
 
@@ -364,9 +376,15 @@ def test_killing_a_parallel_sweep_with_sigkill_ends_its_children(tmp_path):
     parent.kill()
     parent.wait()
     try:
-        deadline = time.monotonic() + 60
+        # Seconds for the children to stop once SIGTERM reaches them: each finishes its batch,
+        # leaves fit and exits. 60 s was once too few during a whole-suite run beside a busy
+        # loop, two other test runs and a notebook run (load above 6 on 2 cores).
+        deadline = time.monotonic() + 180
         while not all(lock_is_free(run.folder) for run in runs):
-            assert time.monotonic() < deadline, "the children outlived their parent by a minute"
+            alive = [pid for pid in children if _state(pid) not in (None, "Z")]
+            assert time.monotonic() < deadline, (
+                f"the children outlived their parent by 3 minutes: {_states(alive)}"
+            )
             time.sleep(0.2)
     finally:  # leave no orphan behind, even when the test fails
         for pid in children:

@@ -247,13 +247,19 @@ def _aligned(rows: Sequence[Sequence[str]]) -> str:
 
 
 def comparison_caption(runs: Sequence[RecordedRun]) -> str:
-    """A figure title naming the runs' data and hardware."""
-    sources = {"{} (train/test images: {})".format(*describe_data(run.config)) for run in runs}
-    hardware = {run.hardware for run in runs}
-    return (
-        f"{', '.join(run.name for run in runs)}\n"
-        f"data: {'; '.join(sorted(sources))}; hardware: {'; '.join(sorted(hardware))}"
-    )
+    """A figure title naming the runs' data and hardware: each once where all runs share the
+    one or the other, else each pair of data and hardware with the runs it measured."""
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for run in runs:
+        source = "{} (train/test images: {})".format(*describe_data(run.config))
+        pairs.setdefault((source, run.hardware), []).append(run.name)
+    sources, hardware = ({pair[i] for pair in pairs} for i in (0, 1))
+    if len(sources) == 1 or len(hardware) == 1:  # nothing to pair up
+        where = f"data: {'; '.join(sorted(sources))}; hardware: {'; '.join(sorted(hardware))}"
+    else:
+        where = "; ".join(f"{', '.join(names)}: {source} on {device}"
+                          for (source, device), names in pairs.items())  # fmt: skip
+    return f"{', '.join(run.name for run in runs)}\n{where}"
 
 
 def recipe_label(run: str | Path | RecordedRun) -> str:

@@ -1,6 +1,6 @@
-"""Labels of recorded runs say what each run computed: its norm layer as the ranks computed it
-(N ranks of BatchNorm are GBN with N ghost batches), from metrics dicts as training writes
-them; no training here."""
+"""Labels and captions of recorded runs say what each run computed: its data with its own
+hardware, and its norm layer as the ranks computed it (N ranks of BatchNorm are GBN with N ghost
+batches), from metrics dicts as training writes them; no training here."""
 
 from __future__ import annotations
 
@@ -30,6 +30,27 @@ def _run(name: str, config: Config, world_size: int = 1, device: str = "cpu") ->
         metrics["environment"].update(world_size=world_size)
     metrics["environment"]["device_name"] = device
     return RecordedRun(name, metrics)
+
+
+def test_caption_pairs_each_runs_data_with_its_own_hardware():
+    # sorted apart, the data and the hardware would pair "alpha" with "Apple": the wrong way
+    zeta = _run("a", SESSION8.replace(data="zeta.tar.gz", train_size=500), device="Apple M2")
+    alpha = _run("b", SESSION8.replace(data="alpha.tar.gz"), device="Zebra GPU")
+    caption = results.comparison_caption([zeta, alpha])
+    names, where = caption.split("\n")
+    assert names == "a, b"
+    assert where == (
+        "a: zeta.tar.gz (train/test images: 500/all) on Apple M2; "
+        "b: alpha.tar.gz (train/test images: all/all) on Zebra GPU"
+    )
+
+
+def test_caption_names_shared_data_once():
+    runs = [_run(name, SESSION8, device=device) for name, device in (("a", "P"), ("b", "Q"))]
+    caption = results.comparison_caption(runs)
+    assert caption.split("\n")[1] == (
+        "data: CIFAR-10 (torchvision) (train/test images: all/all); hardware: P; Q"
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ Reading order. The lesson is in seven files, each a notebook section
    with its zero_grad, forward, loss, backward and optimizer step.
 6. ``training.py`` (section 7): ``fit``, the epochs, a checkpoint after each.
 7. ``plots.py``, ``analysis.py``, ``results.py`` (sections 6, 8-10): curves, mistakes, the
-   reference run.
+   reference run; ``labels.py`` says what a run computed (its ghost batches, on its ranks).
 
 The rest is machinery a lesson need not read: the run folder and its files (``runfolder``,
 ``state``, ``files``, ``locks``, ``archives``, ``signals``), hardware and speed (``devices``,
@@ -48,9 +48,9 @@ _EXPORTS = {
 }  # fmt: skip
 _SUBMODULES = (
     "analysis", "archives", "cli", "colab", "config", "data", "devices", "engine", "errors",
-    "files", "gbn", "lesson", "loaders", "locks", "model", "notebook", "plots", "pretrained",
-    "progress", "ranks", "receptive_fields", "recipe", "results", "runfolder", "signals",
-    "state", "step", "summary", "sweeps", "training",
+    "files", "gbn", "labels", "lesson", "loaders", "locks", "model", "notebook", "plots",
+    "pretrained", "progress", "ranks", "receptive_fields", "recipe", "results", "runfolder",
+    "signals", "state", "step", "summary", "sweeps", "training",
 )  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

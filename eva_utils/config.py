@@ -355,12 +355,21 @@ def get_preset(name: str) -> Config:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
-def preset_name(config: Config) -> str | None:
-    """The preset whose recipe ``config`` trains (any length, any seed), or None."""
-    compared = [name for name in HYPERPARAMETERS if name not in ("epochs", "seed")]
+def ghost_batches(config: Config, world_size: int = 1) -> int:
+    """How many BatchNorms each global batch is normalised by: GBN's splits on each rank."""
+    return world_size * (config.num_splits if config.norm == "gbn" else 1)
+
+
+def preset_name(config: Config, world_size: int = 1) -> str | None:
+    """The preset whose recipe ``config`` trains on ``world_size`` ranks (any length, any
+    seed), or None. Each rank normalises its own slice of the batch, so the norm layer counts
+    by its ghost batches: session8's 2 splits are 1 split (or BatchNorm) on each of 2 ranks."""
+    compared = [name for name in HYPERPARAMETERS if name not in ("epochs", "seed", "norm",
+                                                                   "num_splits")]  # fmt: skip
     return next(
         (name for name, preset in PRESETS.items()
-         if all(getattr(config, f) == getattr(preset, f) for f in compared)),
+         if all(getattr(config, f) == getattr(preset, f) for f in compared)
+         and ghost_batches(config, world_size) == ghost_batches(preset)),
         None,
     )  # fmt: skip
 

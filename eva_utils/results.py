@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import (
     GRID_FIELDS,
-    HYPERPARAMETERS,
     LABEL_FIELDS,
-    PRESETS,
     TARGET_ACCURACY,
     Config,
     recipe_name,
@@ -28,6 +26,7 @@ from .config import (
 )
 from .errors import ConfigError, RunFileError, quoted, spelled
 from .files import printable, read_json
+from .labels import NORM_FIELDS, base_preset, norm_label, recipe_preset, same_value, shown_value
 from .plots import MAX_COMPARED, plot_comparison
 from .runfolder import METRICS, read_metrics
 
@@ -42,8 +41,6 @@ STD_MEANING = (
     "one seed, where no spread can be measured"
 )
 PEER_HISTORY = "history.json"
-# What the labels of compared runs always name; other recipe fields only where the runs differ.
-NORM_FIELDS = ("norm", "num_splits", "dropout")
 UNKNOWN_RECIPE, UNKNOWN_DATA = "unknown recipe", "unknown data"
 
 
@@ -77,6 +74,11 @@ class RecordedRun:
     def hardware(self) -> str:
         recorded = self.provenance.get("hardware") or self.metrics["environment"].get("device_name")
         return recorded or "unknown hardware"
+
+    @property
+    def world_size(self) -> int:
+        """The ranks it trained on (torchrun); 1 where metrics.json records none: one process."""
+        return self.metrics.get("environment", {}).get("world_size", 1)
 
     def summary(self) -> dict[str, Any]:
         return summarize_history(self.history)
@@ -119,8 +121,10 @@ def describe_run(metrics: dict[str, Any]) -> str:
     """One line naming a run: preset-like recipe, data, epochs and hardware."""
     config, env = metrics.get("config", {}), metrics.get("environment", {})
     source, sizes = describe_data(config)
+    ranks = f" on {env['world_size']} ranks" if env.get("world_size", 1) > 1 else ""
     return (
-        f"{config.get('arch', '?')} {config.get('norm', '?')}, {len(metrics['history'])} epochs, "
+        f"{config.get('arch', '?')} {config.get('norm', '?')}{ranks}, "
+        f"{len(metrics['history'])} epochs, "
         f"{sizes} train/test images of {source}, {env.get('device_name', '?')}"
     )
 
@@ -185,60 +189,32 @@ def recorded_runs(folder: str | Path = "results") -> list[RecordedRun]:
 # --- comparing runs ----------------------------------------------------------------------------
 
 
-def _norm_label(config: dict[str, Any]) -> str:
-    splits = config.get("num_splits")
-    if config.get("norm") != "gbn":
-        norm = "BatchNorm"
-    else:  # one ghost batch is the whole batch: exactly BatchNorm2d
-        norm = "GBN 1 split (= BatchNorm)" if splits == 1 else f"GBN {splits} splits"
-    dropout = config.get("dropout") or 0
-    return f"{norm}, " + (f"dropout {dropout:g}" if dropout else "no dropout")
-
-
-def _preset_of(config: dict[str, Any]) -> str | None:
-    """The preset whose recipe ``config`` follows, apart from its norm layer and dropout."""
-    compared = [name for name in HYPERPARAMETERS if name not in (*NORM_FIELDS, "epochs")]
-    for name, preset in PRESETS.items():
-        if all(_same(config.get(key), getattr(preset, key)) for key in compared):
-            return name
-    return None
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal, counting a JSON list and a Config tuple with the same items as equal."""
-    sequences = (list, tuple)
-    return list(a) == list(b) if isinstance(a, sequences) and isinstance(b, sequences) else a == b
-
-
 def run_label(run: RecordedRun, others: Sequence[RecordedRun] = ()) -> str:
-    """A label that says what sets ``run`` apart from ``others``: always its norm layer and
-    dropout ("GBN 2 splits, dropout 0.1", "BatchNorm, no dropout"), then its preset where the
-    runs follow different presets, else each other recipe field in which they differ."""
+    """A label that says what sets ``run`` apart from ``others``: always its norm layer as
+    computed and dropout ("GBN 2 splits, dropout 0.1", "BatchNorm, no dropout"; on 2 ranks
+    "2 ranks x BatchNorm = GBN (2 ghost batches of 64), ..."), with the images per BatchNorm
+    where any of the runs trained on several ranks, then its preset where the runs follow
+    different presets, else each other recipe field in which they differ."""
     if run.peer:
         return "peer: pytorch-cifar's own pipeline"
     if not run.config:  # a metrics.json without a config: say so rather than guess BatchNorm
         return UNKNOWN_RECIPE
-    config, label = run.config, _norm_label(run.config)
     mine = [o for o in others if not o.peer and o.config]
+    ghost_sizes = any(o.world_size > 1 for o in (run, *mine))
+    config, label = run.config, norm_label(run.config, run.world_size, ghost_sizes)
     differing = [
         key
         for key in LABEL_FIELDS
         if key not in NORM_FIELDS
-        and any(not _same(config.get(key), o.config.get(key)) for o in mine)
+        and any(not same_value(config.get(key), o.config.get(key)) for o in mine)
     ]
     if not differing:
         return label
-    presets = {_preset_of(o.config) for o in mine} | {_preset_of(config)}
+    presets = {base_preset(o.config) for o in mine} | {base_preset(config)}
     if None not in presets and len(presets) > 1:
-        return f"{_preset_of(config)}: {label}"
-    shown = ", ".join(f"{key} {_show(config.get(key))}" for key in differing)
+        return f"{base_preset(config)}: {label}"
+    shown = ", ".join(f"{key} {shown_value(config.get(key))}" for key in differing)
     return f"{label}, {shown}"
-
-
-def _show(value: Any) -> str:
-    if value is None:  # train_size, test_size: the whole set
-        return "all"
-    return "+".join(value) if isinstance(value, list | tuple) else f"{value}"
 
 
 def comparison_labels(runs: Sequence[RecordedRun]) -> list[str]:
@@ -271,13 +247,30 @@ def _aligned(rows: Sequence[Sequence[str]]) -> str:
 
 
 def comparison_caption(runs: Sequence[RecordedRun]) -> str:
-    """A figure title naming the runs' data and hardware."""
-    sources = {"{} (train/test images: {})".format(*describe_data(run.config)) for run in runs}
-    hardware = {run.hardware for run in runs}
-    return (
-        f"{', '.join(run.name for run in runs)}\n"
-        f"data: {'; '.join(sorted(sources))}; hardware: {'; '.join(sorted(hardware))}"
-    )
+    """A figure title naming the runs' data and hardware: each once where all runs share the
+    one or the other, else each pair of data and hardware with the runs it measured."""
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for run in runs:
+        source = "{} (train/test images: {})".format(*describe_data(run.config))
+        pairs.setdefault((source, run.hardware), []).append(run.name)
+    sources, hardware = ({pair[i] for pair in pairs} for i in (0, 1))
+    if len(sources) == 1 or len(hardware) == 1:  # nothing to pair up
+        where = f"data: {'; '.join(sorted(sources))}; hardware: {'; '.join(sorted(hardware))}"
+    else:
+        where = "; ".join(f"{', '.join(names)}: {source} on {device}"
+                          for (source, device), names in pairs.items())  # fmt: skip
+    return f"{', '.join(run.name for run in runs)}\n{where}"
+
+
+def recipe_label(run: str | Path | RecordedRun) -> str:
+    """What ``run`` (a run folder, ``results/NAME``, or a recorded run) trained, in one line:
+    "session8 recipe, 2 ranks x BatchNorm = GBN (2 ghost batches of 64), dropout 0.1". Its
+    preset counts a run on N ranks by its ghost batches; "custom recipe" where none matches."""
+    run = run if isinstance(run, RecordedRun) else read_recorded_run(run)
+    if run.peer or not run.config:
+        return run_label(run)
+    preset = recipe_preset(run.config, run.world_size)
+    return f"{preset or 'custom'} recipe, {norm_label(run.config, run.world_size)}"
 
 
 def compare(*runs: str | Path | RecordedRun, title: str = "") -> tuple[Figure, str]:
@@ -355,7 +348,9 @@ def summarize_sweep(folder: str | Path) -> dict[str, Any]:
     varied = [
         key
         for key in GRID_FIELDS
-        if any(not _same(run.config.get(key), cell_runs[0].config.get(key)) for run in cell_runs)
+        if any(
+            not same_value(run.config.get(key), cell_runs[0].config.get(key)) for run in cell_runs
+        )
     ]
     labels = comparison_labels(cell_runs)
     summaries = [

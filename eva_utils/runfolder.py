@@ -190,6 +190,9 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
         value = metrics.get(key, {} if key == "config" else None)
         if not isinstance(value, dict):
             raise RunFileError(f"{path}: {key} is {value!r}, not an object: {damaged}")
+    world_size = metrics["environment"].get("world_size", 1)  # none: one process
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise RunFileError(f"{path}: world_size is {world_size!r}, no number of ranks: {damaged}")
     for number, row in enumerate(history, 1):
         if row["epoch"] != number or not isinstance(row["epoch"], int):
             raise RunFileError(

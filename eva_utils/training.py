@@ -199,8 +199,9 @@ def precision_change(state: TrainingState) -> str:
 def start_line(state: TrainingState, folder: RunFolder | None) -> str:
     """What is about to be trained, where, on what and into which folder, in one line."""
     config, done = state.config, len(state.history)
-    name = preset_name(config)
+    name, world_size = preset_name(config, state.ranks.world_size), state.ranks.world_size
     recipe = f"{name} preset" if name else "custom recipe"
+    recipe += f" on {world_size} ranks" if world_size > 1 else ""
     source, _ = describe_data(config.to_dict())
     resumed = f" (resumed after epoch {done})" if done else ""
     epochs = "epoch" if config.epochs == 1 else "epochs"

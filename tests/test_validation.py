@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from eva_utils import Config, get_preset, runfolder, summarize_history
+from eva_utils import Config, compare, get_preset, runfolder, summarize_history, sweep
 from eva_utils.cli import main
+from eva_utils.config import recipe_name
 from eva_utils.data import CIFAR10_CLASSES, ImageSet, split_validation
 from eva_utils.errors import ConfigError
 from eva_utils.results import read_recorded_run
@@ -136,3 +137,22 @@ def test_a_val_size_that_leaves_nothing_to_train_on_is_one_line(tmp_path, capsys
 def test_val_size_must_be_a_positive_integer(value):
     with pytest.raises(ConfigError, match=r"^val_size must be a positive integer"):
         Config(val_size=value)
+
+
+def test_run_folder_names_without_val_size_are_the_names_from_before_it():
+    """A sweep finds its old runs again: these names were computed before val_size existed."""
+    small = get_preset("session8").replace(data="synthetic", train_size=5000, test_size=1000)
+    assert recipe_name(small.replace(epochs=3)) == "gbn2-dropout0.1-5000img-267076f4"
+    assert recipe_name(get_preset("fast")) == "bn-dropout0-all-1d378311"
+    assert recipe_name(get_preset("fast").replace(val_size=5000)) != "bn-dropout0-all-1d378311"
+
+
+def test_a_sweep_over_val_size_summarises_and_compares_with_runs_without_it(tmp_path):
+    base = get_preset("session8").replace(**{**TINY, "train_size": 24, "epochs": 1})
+    summary = sweep(base, {"val_size": [None, 8]}, [1], out=tmp_path, progress=False)
+    assert summary["varied"] == ["val_size"] and len(summary["cells"]) == 2
+    folders = sorted(path.parent for path in tmp_path.glob(f"*/{METRICS}"))
+    runs = [read_recorded_run(folder) for folder in folders]
+    assert sorted(run.summary()["best_on"] for run in runs) == ["test", "validation"]
+    _, table = compare(*folders)
+    assert len(table.splitlines()) == 3

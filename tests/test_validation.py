@@ -13,7 +13,7 @@ from eva_utils import Config, compare, get_preset, runfolder, summarize_history,
 from eva_utils.cli import main
 from eva_utils.config import recipe_name
 from eva_utils.data import CIFAR10_CLASSES, ImageSet, split_validation
-from eva_utils.errors import ConfigError
+from eva_utils.errors import ConfigError, RunFileError
 from eva_utils.results import read_recorded_run
 from eva_utils.runfolder import BEST, METRICS, RunFolder
 from eva_utils.state import TrainingState
@@ -156,3 +156,16 @@ def test_a_sweep_over_val_size_summarises_and_compares_with_runs_without_it(tmp_
     assert sorted(run.summary()["best_on"] for run in runs) == ["test", "validation"]
     _, table = compare(*folders)
     assert len(table.splitlines()) == 3
+
+
+def test_a_metrics_json_with_a_damaged_val_acc_is_refused_in_one_line(tmp_path):
+    with RunFolder.open(tmp_path / "run") as folder:
+        save_epochs(folder, rows([0.5, 0.8], [0.5, 0.6]))
+    path = tmp_path / "run" / METRICS
+    metrics = json.loads(path.read_text())
+    metrics["history"][1]["val_acc"] = 80.0  # a percentage, not a fraction
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(
+        RunFileError, match=r"val_acc of epoch 2 is 80.0, not a fraction in \[0, 1\]"
+    ):
+        runfolder.read_metrics(path)

@@ -221,8 +221,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     figures = save_history_figures(history, out)
     s = summarize_history(history)
+    chosen = "" if s["best_val_acc"] is None else f", chosen on validation {s['best_val_acc']:.2%}"
     print(
-        f"best test accuracy {s['best_acc']:.2%} (epoch {s['best_epoch']}), "
+        f"best test accuracy {s['best_acc']:.2%} (epoch {s['best_epoch']}{chosen}), "
         f"final {s['final_acc']:.2%}; {s['target']:.0%} target: {target_reached(s)}; "
         f"{s['seconds_per_epoch']:.1f} s/epoch"
     )

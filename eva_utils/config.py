@@ -128,6 +128,9 @@ class Config:
     )
     train_size: int | None = _knob(None, "class-balanced training subset (none: all)", DATA_SIZE)
     test_size: int | None = _knob(None, "class-balanced test subset (none: all)", DATA_SIZE)
+    val_size: int | None = _knob(
+        None, "class-balanced validation split (none: no split)", DATA_SIZE
+    )
     # run
     seed: int = _knob(1, "seed for weights, subsets, shuffling and augmentation", HYPERPARAMETER)
     device: str = _knob("auto", "auto (cuda, then mps, then cpu), or a torch device", RESUMABLE)
@@ -162,7 +165,7 @@ class Config:
     def _problems(self):
         for name in ("epochs", "batch_size", "num_splits", "step_size"):
             yield positive_int_problem(name, getattr(self, name))
-        for name in ("train_size", "test_size", "max_batches"):
+        for name in ("train_size", "test_size", "val_size", "max_batches"):
             if getattr(self, name) is not None:
                 yield positive_int_problem(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -423,6 +426,8 @@ def recipe_name(config: Config, *, data_as_typed: bool = False) -> str:
     what it is (:func:`data_identity`), so the same archive from another folder gives the same
     name; ``data_as_typed`` gives the name that versions before that gave (the path's text)."""
     recipe = {k: v for k, v in config.to_dict().items() if k in RECIPE_FIELDS}
+    if config.val_size is None:  # the names of runs from before val_size existed stay
+        del recipe["val_size"]
     if not data_as_typed:
         recipe["data"] = data_identity(config.data)
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]

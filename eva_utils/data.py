@@ -207,6 +207,12 @@ def balanced_subset(dataset: ImageSet, size: int | None, seed: int) -> ImageSet:
     """A random subset of ``size`` images with the classes as equal as possible."""
     if size is None or size == len(dataset):
         return dataset
+    return dataset.subset(balanced_indices(dataset, size, seed))
+
+
+def balanced_indices(dataset: ImageSet, size: int, seed: int) -> Tensor:
+    """The indices (in random order) of ``size`` images of ``dataset`` drawn from ``seed``, with
+    the classes as equal as possible."""
     if size > len(dataset):
         raise DataError(f"asked for {size} images but the set has only {len(dataset)}")
     generator = torch.Generator().manual_seed(seed)
@@ -222,7 +228,27 @@ def balanced_subset(dataset: ImageSet, size: int | None, seed: int) -> ImageSet:
             )
         chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
     indices = torch.cat(chosen)
-    return dataset.subset(indices[torch.randperm(len(indices), generator=generator)])
+    return indices[torch.randperm(len(indices), generator=generator)]
+
+
+def split_validation(
+    train_set: ImageSet, val_size: int | None, seed: int
+) -> tuple[ImageSet, ImageSet | None]:
+    """(the images to train on, the validation split): ``val_size`` class-balanced images of
+    ``train_set``, drawn from ``seed`` as a ``train_size`` subset is, held out of the rest
+    (which keeps its order). Without ``val_size``: (``train_set``, None)."""
+    if val_size is None:
+        return train_set, None
+    if val_size >= len(train_set):  # the split must leave images to train on
+        raise ConfigError(
+            f"val_size ({val_size:,}) must be smaller than the {len(train_set):,} training "
+            f"images it is held out of: lower {option('val_size')} (or raise "
+            f"{option('train_size')})"
+        )
+    held_out = balanced_indices(train_set, val_size, seed)
+    kept = torch.ones(len(train_set), dtype=torch.bool)
+    kept[held_out] = False
+    return train_set.subset(torch.nonzero(kept).flatten()), train_set.subset(held_out)
 
 
 def synthetic_cifar10(
@@ -264,7 +290,8 @@ def check_out_of_data(out: str | os.PathLike, data: str | None) -> None:
 
 
 def load_datasets(config: Config) -> tuple[ImageSet, ImageSet]:
-    """The config's data source, cut to the class-balanced subsets it asks for."""
+    """The config's data source, cut to the class-balanced subsets it asks for (the
+    validation split, if any, is still in the training set: :func:`split_validation`)."""
     if config.data == SYNTHETIC:
         train_set, test_set = synthetic_cifar10(config.train_size or 512, config.test_size or 256)
     else:

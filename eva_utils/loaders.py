@@ -229,12 +229,26 @@ def build_loaders(
             train_set, config.batch_size, shuffle=True, augment=config.augment,
             rotate_degrees=config.rotate_degrees, generator=generator, **common,
         )  # fmt: skip
-        test_loader = DeviceLoader(test_set, TEST_BATCH, **common)
     else:
         common = dict(num_workers=workers(config.num_workers), pin_memory=device.type == "cuda")
         train_loader = torchvision_loader(
             train_set, config.batch_size, train=True, augment=config.augment,
             rotate_degrees=config.rotate_degrees, generator=generator, **common,
         )  # fmt: skip
-        test_loader = torchvision_loader(test_set, TEST_BATCH, train=False, **common)
-    return Limited(train_loader, config.max_batches), Limited(test_loader, config.max_batches)
+    return Limited(train_loader, config.max_batches), eval_loader(config, test_set, device)
+
+
+def eval_loader(config: Config, dataset: ImageSet, device: torch.device) -> Limited:
+    """A loader that reads ``dataset`` as the test set is read (in order, not augmented), of
+    the kind the config names, cut to ``config.max_batches``: for the test set and the
+    validation split."""
+    if config.loader == "device":
+        loader = DeviceLoader(
+            dataset, TEST_BATCH, device=device, channels_last=config.channels_last
+        )
+    else:
+        loader = torchvision_loader(
+            dataset, TEST_BATCH, train=False, num_workers=workers(config.num_workers),
+            pin_memory=device.type == "cuda",
+        )  # fmt: skip
+    return Limited(loader, config.max_batches)

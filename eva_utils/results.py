@@ -28,7 +28,7 @@ from .errors import ConfigError, RunFileError, quoted, spelled
 from .files import printable, read_json
 from .labels import NORM_FIELDS, base_preset, norm_label, recipe_preset, same_value, shown_value
 from .plots import MAX_COMPARED, plot_comparison
-from .runfolder import METRICS, read_metrics
+from .runfolder import BEST_ON, METRICS, best_key, best_row, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -84,15 +84,15 @@ class RecordedRun:
         return summarize_history(self.history)
 
 
-def summarize_history(
-    history: list[dict[str, Any]], target: float = TARGET_ACCURACY
-) -> dict[str, Any]:
-    """Best and final test accuracy, and the first epoch that reached ``target`` (None if never)."""
-    best = max(history, key=lambda row: row["test_acc"])
+def summarize_history(history: list[dict], target: float = TARGET_ACCURACY) -> dict[str, Any]:
+    """Best (chosen on ``best_on``) and final test accuracy, the first epoch to reach ``target``."""
+    best = best_row(history)
     reached = next((row["epoch"] for row in history if row["test_acc"] >= target), None)
     return {
         "best_acc": best["test_acc"],
         "best_epoch": best["epoch"],
+        "best_on": BEST_ON[best_key(history)],  # "validation", or "test" (optimistic)
+        "best_val_acc": best.get("val_acc"),  # None without a validation split
         "final_acc": history[-1]["test_acc"],
         "epochs": len(history),
         "target": target,

@@ -51,6 +51,21 @@ LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.json"
 LOCK = ".lock"  # held by the one process that trains in the folder; removed when it stops
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 BEST_KEYS = ("config", "classes", "model", "epoch", "test_acc")  # what best.pt holds
+VAL_KEYS = ("val_loss", "val_acc")  # in each row of a run with a validation split
+# What the best epoch was chosen on, by the accuracy that chose it (metrics.json's "best_on").
+BEST_ON = {"val_acc": "validation", "test_acc": "test"}
+
+
+def best_key(history: Sequence[dict[str, Any]]) -> str:
+    """The accuracy that chooses the best epoch: ``val_acc`` where every row has one (a run
+    with a validation split), else ``test_acc`` (the test set itself chooses: optimistic)."""
+    return "val_acc" if history and all("val_acc" in row for row in history) else "test_acc"
+
+
+def best_row(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The best epoch's row: the first with the highest :func:`best_key` accuracy."""
+    chosen_on = best_key(history)
+    return max(history, key=lambda row: row[chosen_on])
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -158,7 +173,7 @@ def check_weights(expected: dict[str, Any], state: dict[str, Any], path: Path | 
 def write_metrics(path: Path, config: Config, history: list[dict], env: dict[str, str]) -> None:
     atomic_write_json(
         {"format": METRICS_FORMAT, "config": config.to_dict(), "environment": env,
-         "history": history},
+         "best_on": BEST_ON[best_key(history)], "history": history},
         path,
     )  # fmt: skip
 
@@ -199,7 +214,7 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
                 f"{path}: epoch {row['epoch']!r} is row {number} of the history, which must "
                 f"hold epochs 1, 2, 3, ... in order, once each: {damaged}"
             )
-        for key in HISTORY_KEYS:
+        for key in (*HISTORY_KEYS, *(k for k in VAL_KEYS if k in row)):
             value = row[key]
             if isinstance(value, bool) or not isinstance(value, int | float):
                 problem = "not a number"
@@ -377,7 +392,8 @@ class RunFolder:
         return config
 
     def save(self, state: dict[str, Any], environment: dict[str, str]) -> None:
-        """Write best.pt (if the last epoch is the best), last.pt and metrics.json, atomically.
+        """Write best.pt (if the last epoch is the best, by :func:`best_key`), last.pt and
+        metrics.json, atomically.
 
         ``state`` is :meth:`state.TrainingState.state_dict`. metrics.json goes last, so that it
         never records an epoch that last.pt (what a resume starts from) does not hold: a crash
@@ -390,9 +406,13 @@ class RunFolder:
         self._check_still_there(history[-1]["epoch"])
         try:
             with signals_deferred():
-                if history[-1]["test_acc"] >= max(row["test_acc"] for row in history):
+                chosen_on, last = best_key(history), history[-1]
+                if last[chosen_on] >= max(row[chosen_on] for row in history):
                     best = {key: state[key] for key in ("config", "classes", "model")}
-                    best.update(epoch=history[-1]["epoch"], test_acc=history[-1]["test_acc"])
+                    best.update(
+                        epoch=last["epoch"], test_acc=last["test_acc"], best_on=BEST_ON[chosen_on]
+                    )
+                    best.update({k: last[k] for k in VAL_KEYS if k in last})
                     save_checkpoint(best, self.path / BEST)
                 save_checkpoint(state, self.path / LAST)
                 config = Config.from_dict(state["config"])

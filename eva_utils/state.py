@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from .config import Config, ghost_batch_problem, refuse
-from .data import ImageSet, load_datasets
+from .data import ImageSet, load_datasets, split_validation
 from .devices import select_device
 from .engine import test, train
 from .errors import CheckpointError, option, spelled
-from .loaders import build_loaders
+from .loaders import build_loaders, eval_loader
 from .precision import choose_precision
 from .ranks import Ranks
 from .recipe import build_model, build_optimizer, build_scheduler
@@ -34,7 +34,8 @@ def seed_everything(seed: int) -> None:
 class TrainingState:
     """Everything one training run needs and changes, built from a Config.
 
-    ``model`` is the network, ``step`` computes its batches (``step.model`` is what it calls:
+    ``model`` is the network, ``val_set`` the validation split (None without
+    ``config.val_size``), ``step`` computes its batches (``step.model`` is what it calls:
     the model, or its compiled version), and ``history`` holds one row per finished epoch. Like
     every torch object it saves and restores itself through :meth:`state_dict` and
     :meth:`load_state_dict`: model, optimizer, scheduler, gradient scaler, every random state and
@@ -54,6 +55,10 @@ class TrainingState:
         self.device = ranks.local_device(select_device(config.device))
         seed_everything(config.seed)
         self.train_set, self.test_set = datasets or load_datasets(config)
+        # held out of the training images, never trained on; None without config.val_size
+        self.train_set, self.val_set = split_validation(
+            self.train_set, config.val_size, config.seed
+        )
         refuse(ranks.batch_problem(config.batch_size, len(self.train_set)))
         if config.norm == "gbn":
             batch = min(config.batch_size, len(self.train_set)) // ranks.world_size
@@ -65,6 +70,9 @@ class TrainingState:
         self.train_loader, self.test_loader = build_loaders(
             config, self.train_set, self.test_set, self.device, self.generator
         )
+        self.val_loader = None
+        if self.val_set is not None:
+            self.val_loader = eval_loader(config, self.val_set, self.device)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, len(self.train_loader))
         self.step = Step(
@@ -90,6 +98,11 @@ class TrainingState:
         """The test set's loss and accuracy now (:func:`~eva_utils.engine.test`)."""
         desc = f"epoch {epoch} test" if epoch else "test"
         return test(self.model, self.test_loader, self.step, self.progress, desc)
+
+    def val_epoch(self, epoch: int) -> dict[str, float]:
+        """The validation split's loss and accuracy now, read as the test set is."""
+        desc = f"epoch {epoch} validation"
+        return test(self.model, self.val_loader, self.step, self.progress, desc)
 
     def state_dict(self) -> dict[str, Any]:
         """The run's whole state, as ``last.pt`` stores it."""

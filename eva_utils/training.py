@@ -52,7 +52,8 @@ def fit(
     """Train ``config.epochs`` epochs and return the history, one dict per epoch.
 
     With ``out``, every epoch atomically rewrites ``out/last.pt`` (everything needed to resume),
-    ``out/best.pt`` (when the test accuracy improves) and ``out/metrics.json``; with
+    ``out/best.pt`` (when the validation accuracy improves; without ``config.val_size``, the
+    test accuracy) and ``out/metrics.json``; with
     ``resume=True`` the run continues from ``out/last.pt``. ``out`` is a path, which fit opens,
     checks and closes itself, or a :class:`RunFolder` that the caller opened
     (:func:`open_run_folder`) and closes: then the folder's own state says whether the run is
@@ -206,11 +207,12 @@ def start_line(state: TrainingState, folder: RunFolder | None) -> str:
     resumed = f" (resumed after epoch {done})" if done else ""
     epochs = "epoch" if config.epochs == 1 else "epochs"
     where = folder.path if folder is not None else f"none ({spelled('--out', 'out=...')} keeps one)"
+    validation = f", {len(state.val_set):,} validation" if state.val_set is not None else ""
     return (
         f"{recipe}, {config.epochs} {epochs}{resumed}, on "
         f"{describe(state.device, state.precision)}; "
-        f"data: {source}, {len(state.train_set):,} train and {len(state.test_set):,} test "
-        f"images; run folder: {where}"
+        f"data: {source}, {len(state.train_set):,} train{validation} and "
+        f"{len(state.test_set):,} test images; run folder: {where}"
     )
 
 
@@ -258,6 +260,8 @@ def _short_look(state: TrainingState) -> str:
     config, name = state.config, preset_name(state.config)
     look = {"epochs": 3, "train_size": min(5000, len(state.train_set)),
             "test_size": min(1000, len(state.test_set))}  # fmt: skip
+    if config.val_size:  # a smaller split, that leaves most of the 5000 to train on
+        look["val_size"] = min(config.val_size, 1000)
     flags = [f"--preset {name}"] if name else []
     flags += [f"--{key.replace('_', '-')} {value}" for key, value in look.items()]
     if config.data:
@@ -270,11 +274,13 @@ def _short_look(state: TrainingState) -> str:
 
 
 def _train_and_test(state: TrainingState, epoch: int, ranks: Ranks) -> Row:
-    """One epoch of ``state``, appended to its history; the test loss must be finite."""
+    """One epoch of ``state``, appended to its history (with the validation split's loss and
+    accuracy where it has one); the test loss must be finite."""
     started = time.perf_counter()
     lr = state.optimizer.param_groups[0]["lr"]
     trained = ranks.reduce(state.train_epoch(epoch))
     ranks.average_buffers(state.model)  # the statistics of one ghost batch per rank
+    validated = ranks.reduce(state.val_epoch(epoch)) if state.val_set is not None else None
     tested = ranks.reduce(state.test_epoch(epoch))
     if not math.isfinite(tested["loss"]):
         raise TrainingDiverged(
@@ -287,6 +293,7 @@ def _train_and_test(state: TrainingState, epoch: int, ranks: Ranks) -> Row:
         "train_acc": trained["acc"],
         "test_loss": tested["loss"],
         "test_acc": tested["acc"],
+        **({"val_loss": validated["loss"], "val_acc": validated["acc"]} if validated else {}),
         "lr": lr,
         "seconds": time.perf_counter() - started,
         "precision": state.precision.name,  # what "auto" resolved to on this epoch's hardware

@@ -1,7 +1,7 @@
 """Resume exactness: on the CPU, a run interrupted after epoch k and resumed repeats the
 uninterrupted run exactly (every history number but ``seconds``, and the final weights), for
-the session8 recipe (GBN, dropout, rotation, StepLR), the fast one (onecycle) and the torchvision
-loader. Also what a resume may and may not change."""
+the session8 recipe (GBN, dropout, rotation, StepLR), the fast one (onecycle), the torchvision
+loader and a run with a validation split. Also what a resume may and may not change."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ CASES = {
     "session8-torchvision": get_preset("session8").replace(
         **TINY, loader="torchvision", num_workers=0
     ),
+    # a validation split held out of 24 images: the same 16 trained on, 8 validated each epoch
+    "session8-val": get_preset("session8").replace(**{**TINY, "train_size": 24}, val_size=8),
     # fp16 with a gradient scaler, whose state (scale, growth tracker) last.pt must carry.
     # Batches of 4: fp16 is emulated on most CPUs, where a step's time grows with the batch
     # (batches of 8 took 128 s); the same steps, and no scaler overflow in them, as with 8.

@@ -36,7 +36,7 @@ OTHER_VALUES = {
     "lr": 0.1, "momentum": 0.5, "nesterov": True, "weight_decay": 0.0, "decay_norm_bias": False,
     "label_smoothing": 0.1, "schedule": "onecycle", "step_size": 3, "gamma": 0.5, "warmup": 0.3,
     "augment": ("crop",), "rotate_degrees": 4.0, "tta_flip": True, "data": "elsewhere",
-    "train_size": 32, "test_size": 20, "seed": 2, "loader": "torchvision",
+    "train_size": 32, "test_size": 20, "val_size": 4, "seed": 2, "loader": "torchvision",
     "channels_last": False, "precision": "fp32", "max_batches": 2,
 }  # fmt: skip
 

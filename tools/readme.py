@@ -45,7 +45,7 @@ def results_table(runs: Sequence[RecordedRun]) -> str:
     """A Markdown table of recorded runs: the README's results, generated so that its numbers
     are the files' numbers. Peers are marked as not this project."""
     rows = [
-        "| run | data (train/test images) | epochs | best test acc (epoch) | final test acc "
+        "| run | data (train/test images) | epochs | final test acc | best test acc (epoch) "
         f"| {TARGET_ACCURACY:.0%} first reached | s/epoch | total (train + test) | hardware |",
         "|---|---|---|---|---|---|---:|---:|---|",
     ]
@@ -54,9 +54,10 @@ def results_table(runs: Sequence[RecordedRun]) -> str:
         source, sizes = describe_data(run.config)
         reached = target_reached(s)
         name = f"`{run.name}`" + (" (peer: not this project)" if run.peer else "")
+        on_validation = "; chosen on validation" if s["best_on"] == "validation" else ""
         rows.append(
-            f"| {name} | {source} ({sizes}) | {s['epochs']} | {s['best_acc']:.2%} "
-            f"(epoch {s['best_epoch']}) | {s['final_acc']:.2%} | {reached} "
+            f"| {name} | {source} ({sizes}) | {s['epochs']} | {s['final_acc']:.2%} "
+            f"| {s['best_acc']:.2%} (epoch {s['best_epoch']}){on_validation} | {reached} "
             f"| {s['seconds_per_epoch']:.1f} | {_minutes(s['seconds_per_epoch'] * s['epochs'])} "
             f"| {run.hardware} |"
         )
@@ -94,9 +95,17 @@ def history_caption(run: RecordedRun) -> str:
     source, sizes = describe_data(run.config)
     return (
         f"*Validation loss and accuracy of `results/{run.name}` ({run_label(run)}): "
-        f"{s['epochs']} epochs on {source} (train/test images: {sizes}), {run.hardware}; best "
-        f"{s['best_acc']:.2%} at epoch {s['best_epoch']}. Redraw with `make figures`.*"
+        f"{s['epochs']} epochs on {source} (train/test images: {sizes}), {run.hardware}; final "
+        f"{s['final_acc']:.2%}, best {s['best_acc']:.2%} at epoch {s['best_epoch']} "
+        f"({chosen_on(s)}). Redraw with `make figures`.*"
     )
+
+
+def chosen_on(summary: dict[str, Any]) -> str:
+    """What a run's best epoch was chosen on, said plainly for the README."""
+    if summary["best_on"] == "validation":
+        return f"chosen on the validation split, {summary['best_val_acc']:.2%} there"
+    return "chosen on the test set itself, so optimistic"
 
 
 def analysis_caption(run: RecordedRun, folder: str | Path) -> str:
@@ -107,7 +116,8 @@ def analysis_caption(run: RecordedRun, folder: str | Path) -> str:
     tested = int(report.matrix.sum())
     return (
         f"*The 32 most confident mistakes, the confusion matrix and the accuracy per class of "
-        f"`{run.name}`'s best checkpoint (epoch {run.summary()['best_epoch']}), evaluated again "
+        f"`{run.name}`'s best checkpoint (epoch {run.summary()['best_epoch']}, chosen on the "
+        f"{run.summary()['best_on']} set), evaluated again "
         f"in fp32 by `analyze`: {report.overall_accuracy:.2%} on {tested:,} test images, "
         f"{len(report.mistakes):,} misclassified; weakest class {report.classes[weakest]} "
         f"({report.accuracy[weakest]:.2%}), strongest {report.classes[strongest]} "

@@ -358,17 +358,14 @@ def get_preset(name: str) -> Config:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
 
 
-def ghost_batches(config: Config, world_size: int = 1) -> int:
-    """How many BatchNorms each global batch is normalised by: GBN's splits on each rank."""
-    return world_size * (config.num_splits if config.norm == "gbn" else 1)
-
-
 def preset_name(config: Config, world_size: int = 1) -> str | None:
     """The preset whose recipe ``config`` trains on ``world_size`` ranks (any length, any
     seed), or None. Each rank normalises its own slice of the batch, so the norm layer counts
     by its ghost batches: session8's 2 splits are 1 split (or BatchNorm) on each of 2 ranks."""
     compared = [name for name in HYPERPARAMETERS if name not in ("epochs", "seed", "norm",
                                                                    "num_splits")]  # fmt: skip
+    # how many BatchNorms each global batch is normalised by: GBN's splits on each rank
+    ghost_batches = lambda c, ranks=1: ranks * (c.num_splits if c.norm == "gbn" else 1)  # noqa: E731
     return next(
         (name for name, preset in PRESETS.items()
          if all(getattr(config, f) == getattr(preset, f) for f in compared)

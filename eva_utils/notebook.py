@@ -314,7 +314,8 @@ def _described(trained: analysis.TrainedModel) -> str:
         trained_for = f"{len(record.history)} epochs on {record.hardware}"
     else:
         trained_for = f"{config.epochs} epochs planned, on hardware it does not record"
-    recipe = f"{preset_name(config) or 'its own'} recipe"
+    ranks = record.world_size if record is not None else 1
+    recipe = f"{preset_name(config, ranks) or 'its own'} recipe"
     return (
         f"{config.arch.replace('resnet', 'ResNet')} ({name}: {recipe}, {trained_for}; best epoch "
         f"{trained.epoch}, {trained.test_acc:.2%})"

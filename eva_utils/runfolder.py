@@ -64,8 +64,7 @@ def best_key(history: Sequence[dict[str, Any]]) -> str:
 
 def best_row(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The best epoch's row: the first with the highest :func:`best_key` accuracy."""
-    chosen_on = best_key(history)
-    return max(history, key=lambda row: row[chosen_on])
+    return max(history, key=lambda row: row[best_key(history)])
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -392,8 +391,7 @@ class RunFolder:
         return config
 
     def save(self, state: dict[str, Any], environment: dict[str, str]) -> None:
-        """Write best.pt (if the last epoch is the best, by :func:`best_key`), last.pt and
-        metrics.json, atomically.
+        """Write best.pt (if the last epoch is best: best_key), last.pt, metrics.json atomically.
 
         ``state`` is :meth:`state.TrainingState.state_dict`. metrics.json goes last, so that it
         never records an epoch that last.pt (what a resume starts from) does not hold: a crash

@@ -52,12 +52,12 @@ figures: $(STAMP)
 	$(PY) -m eva_utils figures $(RESULT) --out images/ $(if $(DATA),--data $(DATA))
 	$(PY) -m eva_utils compare $(COMPARE) --out images/gbn_vs_bn.png
 
-## store real outputs in the notebooks: a short CPU run of the main one (3 epochs, 5,000/1,000
-## images, about 5 minutes) and the receptive-field one; DATA is the JPEG copy, relative to here
+## store real outputs in the notebooks: the main one's lesson run on this CPU (LESSON = True:
+## 3 epochs, 5,000/1,000 images) and the receptive-field one; DATA is the JPEG copy, relative to here
 NOTEBOOK_DATA ?= ../shared/data/cifar10-jpg.tar.gz
 notebook-outputs: $(STAMP)
 	rm -rf notebooks/runs
-	cd notebooks && EVA_EPOCHS=3 EVA_DATA=../$(NOTEBOOK_DATA) EVA_TRAIN_SIZE=5000 EVA_TEST_SIZE=1000 \
+	cd notebooks && EVA_DATA=../$(NOTEBOOK_DATA) CUDA_VISIBLE_DEVICES= \
 		../$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1800 session8_resnet18_gbn.ipynb receptive_fields.ipynb
 	$(PY) notebooks/strip_progress_bars.py notebooks/session8_resnet18_gbn.ipynb \

@@ -161,5 +161,6 @@ def test_the_start_line_counts_a_run_on_ranks_by_its_ghost_batches(num_splits, w
     state = SimpleNamespace(
         config=SESSION8.replace(num_splits=num_splits), history=[], ranks=Ranks(0, world_size),
         device=cpu, precision=choose_precision(cpu), train_set=range(64), test_set=range(32),
+        val_set=None,
     )  # fmt: skip
     assert start_line(state, None).startswith(f"{recipe}, 30 epochs, on CPU")

@@ -133,7 +133,7 @@ def test_stored_outputs_are_not_smoke_outputs(path):
 def test_main_notebook_draws_the_reference_run_before_training_and_compares_after():
     sources = [c.source for c in code_cells(MAIN)]
     reference = next(i for i, s in enumerate(sources) if "notebook.reference_run()" in s)
-    training = next(i for i, s in enumerate(sources) if "eva_utils.fit(" in s)
+    training = next(i for i, s in enumerate(sources) if "lesson.train(" in s)
     assert reference < training
     assert "eva_utils.compare(reference)" in sources[reference]
     after = "\n".join(sources[training:])

@@ -184,12 +184,14 @@ def torchvision_loader(
     )
 
 
-def workers(asked: int) -> int:
+def workers(asked: int, say: bool = True) -> int:
     """The DataLoader workers to start for ``num_workers=asked``: at most one per CPU core this
     process may use (more only wait for the cores, each with a copy of the data set), said in
-    one line when fewer than asked."""
+    one line when fewer than asked (``say``: the training loader says it, the others do not)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if cores and asked > cores:
+        if not say:
+            return cores
         log.warning(
             "num_workers %d is more than the %d CPU cores this process may use: starting %d "
             "DataLoader workers",
@@ -248,7 +250,7 @@ def eval_loader(config: Config, dataset: ImageSet, device: torch.device) -> Limi
         )
     else:
         loader = torchvision_loader(
-            dataset, TEST_BATCH, train=False, num_workers=workers(config.num_workers),
+            dataset, TEST_BATCH, train=False, num_workers=workers(config.num_workers, say=False),
             pin_memory=device.type == "cuda",
         )  # fmt: skip
     return Limited(loader, config.max_batches)

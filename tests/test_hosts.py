@@ -31,7 +31,10 @@ def hosted_copy(path: Path, folder: Path) -> Path:
     notebook = nbformat.read(path, 4)
     if path == RECEPTIVE:
         parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
-        parameters.source += '\nDATA = "synthetic"  # injected by the test: no CIFAR-10 offline'
+        parameters.source += (
+            '\nDATA = "synthetic"  # injected by the test: no CIFAR-10 offline'
+            "\nTEST_SIZE = 64  # injected by the test: the mechanics, not the figures"
+        )
     notebook.cells.append(nbformat.v4.new_code_cell(
         "import os\nprint('imported from', eva_utils.__file__)\nprint('working in', os.getcwd())"
     ))  # fmt: skip

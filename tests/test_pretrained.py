@@ -510,12 +510,15 @@ def test_a_truncated_reference_model_falls_back_with_a_hint(
         trained = notebook.gallery_model(own, CONFIG.replace(data="cifar10.tar.gz"))
     else:
         trained = notebook.trained_or_untrained()
-    hint, model_line = capsys.readouterr().out.splitlines()
+    hint, model_line, *rest = capsys.readouterr().out.splitlines()
     assert hint.startswith(f"{best} is not a readable checkpoint") and "delete it" in hint
     assert trained.epoch == (3 if helper == "gallery_model" else 0)
     assert trained.folder == (own if helper == "gallery_model" else None)
     expected = f"the best epoch (3) of {own}" if helper == "gallery_model" else "an UNTRAINED"
     assert model_line.startswith(f"model: {expected}")
+    assert [line.split(":")[0] for line in rest] == (
+        ["not the trained reference model"] if helper == "gallery_model" else []
+    )
 
 
 @pytest.mark.parametrize("smoke", [True, False], ids=["smoke", "download"])

@@ -27,6 +27,7 @@ from IPython.display import Markdown, display
 from .config import Config, field_flags, get_preset
 from .data import ImageSet
 from .errors import EvaError
+from .labels import ghost_batch_size
 from .plots import plot_curves
 from .runfolder import METRICS, read_metrics
 from .training import fit
@@ -108,20 +109,14 @@ def ranks_config(config: Config, gpus: int) -> Config:
     return config
 
 
-def ghost_batch(config: Config, ranks: int = 1) -> int:
-    """The images each BatchNorm normalises together in training: the batch divided among the
-    ranks, then into the config's ghost batches."""
-    splits = config.num_splits if config.norm == "gbn" else 1
-    return config.batch_size // (max(ranks, 1) * splits)
-
-
 def ranks_label(config: Config, gpus: int) -> str:
     """What a run of ``config`` on ``gpus`` processes is, in BatchNorm's terms."""
-    per_gpu = ranks_config(config, gpus)
-    norm = "BatchNorm" if ghost_batch(per_gpu) == per_gpu.batch_size else "Ghost BatchNorm"
+    per_gpu = ranks_config(config, gpus).to_dict()
+    norm = "BatchNorm" if ghost_batch_size(per_gpu) == config.batch_size else "Ghost BatchNorm"
     return (
-        f"{gpus} GPUs x {norm} = ghost batches of {ghost_batch(per_gpu, gpus)} images "
-        f"(batch {config.batch_size}, one GPU's run: ghost batches of {ghost_batch(config)})"
+        f"{gpus} GPUs x {norm} = ghost batches of {ghost_batch_size(per_gpu, gpus)} images "
+        f"(batch {config.batch_size}, one GPU's run: ghost batches of "
+        f"{ghost_batch_size(config.to_dict())})"
     )
 
 

@@ -63,6 +63,7 @@ class LiveCurves:
     def __init__(self, history: list[Row] | None = None) -> None:
         self.history = list(history or [])
         self.handle = None
+        self.seen: int | None = None  # metrics.json's modification time when last read
 
     def __call__(self, row: Row) -> None:
         self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
@@ -70,12 +71,16 @@ class LiveCurves:
 
     def catch_up(self, folder: Path) -> None:
         """Redraw if ``folder``'s metrics.json holds epochs not drawn yet (another process's
-        run)."""
-        if (folder / METRICS).is_file():
-            history = read_metrics(folder / METRICS)["history"]
-            if len(history) > len(self.history):
-                self.history = history
-                self.show()
+        run). Called after each line that process prints: the file is read only when it was
+        rewritten since the last look (once an epoch)."""
+        metrics = folder / METRICS
+        written = metrics.stat().st_mtime_ns if metrics.is_file() else None
+        if written is None or written == self.seen:
+            return
+        self.seen, history = written, read_metrics(metrics)["history"]
+        if len(history) > len(self.history):
+            self.history = history
+            self.show()
 
     def show(self) -> None:
         if not self.history:

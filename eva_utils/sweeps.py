@@ -41,7 +41,7 @@ from .progress import tqdm
 from .ranks import Ranks
 from .results import SWEEP_JSON, summarize_sweep
 from .runfolder import epochs_done, holds_run
-from .signals import ends_with_this_process
+from .signals import ends_with_this_process, raise_if_stop_requested
 from .training import fit
 
 SWEEP_PNG = "sweep.png"
@@ -287,6 +287,7 @@ def _train_in_subprocesses(
                 process = _start(run, gpu)
                 running[process], placed[process] = [run, run.epochs_done], gpu
             time.sleep(POLL_SECONDS)
+            raise_if_stop_requested()
             for process, (run, counted) in list(running.items()):
                 exited = process.poll() is not None
                 epochs = epochs_done(run.folder)

@@ -29,7 +29,7 @@ from .progress import epoch_bar, note
 from .ranks import Ranks
 from .results import describe_data
 from .runfolder import LAST, RunFolder
-from .signals import sigterm_as_interrupt
+from .signals import StopChecked, raise_if_stop_requested, sigterm_as_interrupt
 from .state import TrainingState
 
 Row = dict[str, Any]
@@ -169,14 +169,16 @@ def _loop(
     progress = progress and ranks.is_main
     epochs = range(len(state.history) + 1, state.config.epochs + 1)
     note(start_line(state, folder), progress)
-    timed = state.train_loader
+    plain = state.train_loader
+    checked = state.train_loader = StopChecked(plain)  # a lost Ctrl-C or SIGTERM stops it too
     if epochs and progress:  # time the first steps: is this a run of many hours?
-        state.train_loader = _Estimate(timed, len(timed) * len(epochs), state, folder)
+        state.train_loader = _Estimate(checked, len(checked) * len(epochs), state, folder)
     bar = epoch_bar(epochs, total=state.config.epochs, progress=progress)
     for epoch in bar:
+        raise_if_stop_requested()
         ranks.seed(state.config.seed, epoch)
         row = _train_and_test(state, epoch, ranks)
-        state.train_loader = timed
+        state.train_loader = checked
         bar.set_postfix(test_acc=f"{row['test_acc']:.2%}", loss=f"{row['test_loss']:.3f}")
         if folder is not None and ranks.is_main:
             folder.save(state.state_dict(), _environment(state))

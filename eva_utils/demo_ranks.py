@@ -11,7 +11,6 @@ statistics to ``OUT/<what>.pt``; :func:`compare` says how far apart they are.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gbn import GhostBatchNorm2d
-from .ranks import Ranks
+from .ranks import Ranks, exit_process
 from .step import Step
 
 STEPS, BATCH = 8, 16
@@ -78,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         when = (
             " before training started: nothing was saved or changed" if command == "train" else ""
         )
-        print(f"{PROG}: interrupted{when}", file=sys.stderr)
+        if _rank() == 0:  # torchrun stops the other ranks when one fails: it says why, not they
+            print(f"{PROG}: interrupted{when}", file=sys.stderr)
         return 130
     except EvaError as error:
         if debug:

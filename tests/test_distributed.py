@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_utils import runfolder
+from eva_utils import cli, runfolder
 from eva_utils.config import Config
 from eva_utils.sweeps import shard
 
@@ -365,6 +365,23 @@ def test_ranks_given_different_settings_stop_before_any_work_naming_rank_and_set
     # the first rank to stop refused (exit status 2); none aborted in a collective (SIGABRT)
     assert "exitcode  : 2 " in err.split("Root Cause")[-1] and "SIGABRT" not in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_interrupt_is_said_by_the_main_process_alone(monkeypatch, capsys, rank):
+    """torchrun stops the other ranks (SIGTERM) when one exits with a refusal: they exit 130
+    without a line of their own, which the refusal's one line would have beside it."""
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    assert cli.main(["train", "--data", "synthetic"]) == 130
+    said = capsys.readouterr().err
+    assert said == ("eva8: interrupted before training started: nothing was saved or changed\n"
+                    if rank == "0" else "")  # fmt: skip
 
 
 def test_a_resume_with_another_recipe_is_refused_once_not_by_every_rank(tmp_path):

@@ -344,14 +344,19 @@ def test_an_interrupt_lost_inside_a_training_step_stops_the_run_a_batch_later(tm
         real_build(self, *args, **kwargs)
         self.model.register_forward_pre_hook(count_and_lose)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training.TrainingState, "__init__", hooked)
-        with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*last.pt holds epoch 1"):
-            fit(config, out=tmp_path / "run", progress=False)
+    # Ctrl-C as Python handles it (a process started in the background inherits it ignored)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(training.TrainingState, "__init__", hooked)
+            with pytest.raises(Interrupted, match=r"stopped in epoch 2; .*last.pt holds epoch 1"):
+                fit(config, out=tmp_path / "run", progress=False)
+        assert {signum: signal.getsignal(signum) for signum in before} == before  # put back
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert len(steps) == 8 + 2, "training went on after the interrupt"
     assert saved_epochs(tmp_path / "run") == [1]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # the stop was taken: the next run in this process is not stopped by it
     fit(config.replace(epochs=2), out=tmp_path / "run", resume=True, progress=False)
 

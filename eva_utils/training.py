@@ -29,7 +29,7 @@ from .progress import epoch_bar, note
 from .ranks import Ranks
 from .results import describe_data
 from .runfolder import LAST, RunFolder
-from .signals import StopChecked, raise_if_stop_requested, sigterm_as_interrupt
+from .signals import StopChecked, sigterm_as_interrupt
 from .state import TrainingState
 
 Row = dict[str, Any]
@@ -175,7 +175,6 @@ def _loop(
         state.train_loader = _Estimate(checked, len(checked) * len(epochs), state, folder)
     bar = epoch_bar(epochs, total=state.config.epochs, progress=progress)
     for epoch in bar:
-        raise_if_stop_requested()
         ranks.seed(state.config.seed, epoch)
         row = _train_and_test(state, epoch, ranks)
         state.train_loader = checked

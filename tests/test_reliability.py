@@ -428,8 +428,8 @@ def test_killing_a_parallel_sweep_with_sigkill_ends_its_children(tmp_path):
         # Seconds for the children to stop once SIGTERM reaches them: each finishes its batch,
         # leaves fit and exits (1.2-1.7 s beside a busy loop on 2 cores, 10 kills). The 60 s
         # and 180 s that failed before were, as far as measured, children whose interrupt
-        # numpy's import had lost (test_an_interrupt_lost_inside_a_training_step...): 3 of 5
-        # such children trained on for 52-95 s, until their 500 epochs were done.
+        # numpy's import had lost (test_an_interrupt_lost_inside_a_training_step...): in 3 of
+        # 5 kills beside a busy loop they trained on 55-95 s, until their 500 epochs were done.
         deadline = time.monotonic() + 60
         while not all(lock_is_free(run.folder) for run in runs):
             alive = [pid for pid in children if _state(pid) not in (None, "Z")]

@@ -40,9 +40,8 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def raise_if_stop_requested() -> None:
-    """Raise KeyboardInterrupt if a Ctrl-C or SIGTERM came within :func:`sigterm_as_interrupt`
-    (or was held by :func:`signals_deferred`): the second chance of an interrupt that C code
-    lost where it was raised."""
+    """Raise KeyboardInterrupt if a Ctrl-C or SIGTERM came within :func:`sigterm_as_interrupt`:
+    the second chance of an interrupt that C code lost where it was raised."""
     if _stop_requested.is_set():
         raise KeyboardInterrupt
 
@@ -105,8 +104,7 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if caught:
-        _stop_requested.set()
+    if caught:  # raised here, by Python code: no C code can lose it
         raise KeyboardInterrupt
 
 

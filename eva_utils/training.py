@@ -169,8 +169,7 @@ def _loop(
     progress = progress and ranks.is_main
     epochs = range(len(state.history) + 1, state.config.epochs + 1)
     note(start_line(state, folder), progress)
-    plain = state.train_loader
-    checked = state.train_loader = StopChecked(plain)  # a lost Ctrl-C or SIGTERM stops it too
+    checked = state.train_loader = StopChecked(state.train_loader)  # a lost interrupt stops it
     if epochs and progress:  # time the first steps: is this a run of many hours?
         state.train_loader = _Estimate(checked, len(checked) * len(epochs), state, folder)
     bar = epoch_bar(epochs, total=state.config.epochs, progress=progress)

@@ -21,6 +21,7 @@ from eva_utils.config import Config
 from eva_utils.sweeps import shard
 
 from .conftest import cli_env, fake_checkpoint, run_cli
+from .test_rank_variables import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIST_TIMEOUT = "30"  # seconds a rank waits in a collective for a peer
@@ -140,19 +141,44 @@ model(torch.ones(3, 4)).sum().backward()
 for _ in range(20):
     dist.all_reduce(torch.ones(1 << 16), async_op=True)
 ranks.leave()
-print(f"rank {ranks.rank} done")
+sys.stdout.write(f"rank {ranks.rank} done\\n")  # one write: under torchrun the ranks share a pipe
 exit_process(0)
 """
 
 
 def test_a_rank_that_leaves_with_collectives_in_gloos_threads_exits_cleanly(tmp_path):
     """A process that joined ranks ends without Python's shutdown (:func:`exit_process`), so no
-    gloo thread releases a tensor into a finalising interpreter; its output is still flushed."""
+    gloo thread releases a tensor into a finalising interpreter."""
     (tmp_path / "busy.py").write_text(GLOO_LEFT_BUSY)
     code, out, err = finish(torchrun(cwd=tmp_path, program=("busy.py",)), timeout=120)
     assert code == 0, err
     assert "terminate called" not in err
     assert sorted(out.split("\n")) == ["", "rank 0 done", "rank 1 done"]
+
+
+def test_a_rank_started_without_torchrun_still_flushes_its_output(tmp_path, monkeypatch):
+    """torchrun starts its workers unbuffered (``python -u``); ranks started another way (by hand,
+    by a cluster's launcher) buffer what they print, and :func:`exit_process` skips the shutdown
+    that would flush it, so it flushes first."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # set where CI runs, and here
+    (tmp_path / "busy.py").write_text(GLOO_LEFT_BUSY)
+    rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                  "EVA_DIST_TIMEOUT": DIST_TIMEOUT}  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "busy.py"], cwd=tmp_path, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env={**cli_env(), **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    try:
+        for rank, process in enumerate(ranks):
+            code, out, err = finish(process, timeout=120)
+            assert (code, out) == (0, f"rank {rank} done\n"), err
+    finally:
+        for process in ranks:
+            process.kill()
 
 
 def test_only_the_main_process_writes_and_reports(runs):
